@@ -1,0 +1,314 @@
+"""One settings object for every run: defaults < `.env` < environment < command-line flags.
+
+Every field's env name is the field name upper-cased (`LORA_R`), its flag is the field name
+(`--lora_r 32`, also `--lora-r 32`). The `description=` of each field is the single source of
+truth for `--help`, for `.env.example` (a test keeps them in sync) and for the run config saved
+beside the model.
+
+    from config import get_settings
+    settings = get_settings()                       # .env + environment + sys.argv
+    settings = get_settings(["--max_steps", "10"])  # explicit flags, e.g. in a notebook
+
+Fields are grouped by what reads them (`ModelSettings`, `LoraSettings`, ...). `Settings` is flat
+(so env names stay short and unprefixed) and inherits every group, so a technique function that
+takes `LoraSettings` accepts the whole `Settings` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TEMPLATES = ("alpaca", "chatml", "phi3", "llama3", "tokenizer")
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+PRECISIONS = ("bf16", "fp16", "no")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+SECRET_FIELDS = ("hf_token",)
+
+
+class ModelSettings(BaseModel):
+    base_model_name: str = Field(
+        DEFAULT_MODEL_ID,
+        description="Base model: a hub id, a local HF model folder, or a local .gguf file. "
+        "The default also works offline (a dequantized Q4_1 GGUF copy from PyPI).",
+    )
+    hf_token: SecretStr | None = Field(
+        None, description="Hub token for gated models. Secret: never printed, logged or saved."
+    )
+    model_cache_dir: str = Field(
+        "~/.cache/ft-kit", description="Where converted models (GGUF -> HF folder) are cached."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo.")
+    attn_implementation: str = Field(
+        "sdpa", description="Attention kernel: sdpa, eager, or flash_attention_2 (GPU only)."
+    )
+
+
+class LoraSettings(BaseModel):
+    lora_r: int = Field(16, ge=1, description="LoRA rank; higher learns more and costs more memory.")
+    lora_alpha: float = Field(32, gt=0, allow_inf_nan=False, description="LoRA scale numerator: the update is (alpha / r) * B @ A.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        ["all-linear"],
+        description="Comma-separated module names to adapt (q_proj,v_proj), or all-linear "
+        "(every linear layer but the output head).",
+    )
+    lora_bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases to train: none, all, or lora_only."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, sometimes better.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scale alpha / sqrt(r) instead of alpha / r.")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if not value:
+            raise ValueError("give module names (q_proj,v_proj) or all-linear")
+        return value
+
+
+class QLoraSettings(BaseModel):
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bit (bitsandbytes) and train LoRA on top.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 or fp4.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
+    bnb_4bit_compute_dtype: str = Field(
+        "auto", description="Matmul dtype for 4-bit layers: auto (bf16 where supported, else fp32), bfloat16, float16, float32."
+    )
+
+
+    @field_validator("load_in_4bit")
+    @classmethod
+    def _needs_bitsandbytes(cls, value: bool) -> bool:
+        if value:
+            try:
+                import bitsandbytes  # noqa: F401
+            except Exception as exc:  # ImportError or a broken native library: both mean no QLoRA
+                raise ValueError(f"load_in_4bit=true needs a working bitsandbytes (pip install 'bitsandbytes>=0.46'): {exc}")
+        return value
+
+    @field_validator("bnb_4bit_compute_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in COMPUTE_DTYPES:
+            raise ValueError(f"must be one of {', '.join(COMPUTE_DTYPES)}")
+        return value
+
+
+class TrainingSettings(BaseModel):
+    output_dir: str = Field("./ft-outputs", description="Where checkpoints, the final adapter and the run config go.")
+    num_train_epochs: float = Field(3.0, gt=0, allow_inf_nan=False, description="Epochs over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 = use num_train_epochs.")
+    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Micro batch size per device.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Eval batch size per device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    warmup_steps: float = Field(0.1, ge=0, description="Linear warmup: optimizer steps (>= 1) or a ratio of all steps (< 1).")
+    lr_scheduler_type: str = Field("cosine", description="Scheduler name from transformers: cosine, linear, constant, ...")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for init, shuffling and the eval split.")
+    logging_steps: int = Field(5, ge=1, description="Log the training loss every N optimizer steps.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only before and after training.")
+    save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps; 0 = only the final model.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16",
+        description="bf16, fp16 or no. On a CPU run this falls back to no (fp32) with a warning; "
+        "bf16 on a GPU without bf16 support is an error.",
+    )
+
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (train for num_train_epochs) or >= 1")
+        return value
+
+
+class DataSettings(BaseModel):
+    dataset_path: str = Field(
+        "data/identity_demo.jsonl",
+        description="Training data: a local .json/.jsonl/.parquet/.csv file or a datasets hub name.",
+    )
+    dataset_format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Record format: auto, alpaca, sharegpt, or messages (OpenAI role/content)."
+    )
+    prompt_template: Literal["alpaca", "chatml", "phi3", "llama3", "tokenizer"] = Field(
+        "alpaca", description="Prompt format: alpaca, chatml, phi3, llama3, or tokenizer (the model's own chat template)."
+    )
+    system_prompt: str | None = Field(None, description="System prompt added to conversations that have none.")
+    max_seq_length: int = Field(512, ge=8, description="Longest example in tokens; longer ones follow truncation_strategy.")
+    truncation_strategy: Literal["truncate_prompt", "drop"] = Field(
+        "truncate_prompt", description="Over-long examples: truncate_prompt (cut the prompt from the left) or drop."
+    )
+    train_on_last_turn_only: bool = Field(False, description="Supervise only the last assistant turn of each conversation.")
+    eval_dataset_path: str | None = Field(None, description="Held-out eval file; when empty, eval_split_size of the training data is held out.")
+    eval_split_size: float = Field(0.1, ge=0, description="Held-out share of the training data: a fraction (< 1), a record count (>= 1), or 0 for none.")
+
+    @field_validator("eval_split_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("must be 0, a fraction in (0, 1), or a whole record count")
+        return value
+
+    @field_validator("system_prompt", "eval_dataset_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+GROUPS: tuple[type[BaseModel], ...] = (ModelSettings, LoraSettings, QLoraSettings, TrainingSettings, DataSettings)
+
+
+# Bases in reverse order: pydantic lists inherited fields from the last base first, so --help
+# and .env.example read model, lora, qlora, training, data.
+class Settings(DataSettings, TrainingSettings, QLoraSettings, LoraSettings, ModelSettings, BaseSettings):
+    """All settings of a run. See the module docstring for sources and names.
+
+    Raises pydantic.ValidationError naming every invalid field at once (bounds are `Field`
+    constraints and field validators, which pydantic checks all together).
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
+        env_ignore_empty=True,  # `KEY=` in a copied .env.example means "the default"
+        validate_default=True, hide_input_in_errors=True,
+    )
+
+    def to_saved_dict(self) -> dict[str, Any]:
+        """Every setting as JSON-ready values, secrets removed (`hf_token` never leaves memory)."""
+        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+
+
+def resolve_precision(settings: TrainingSettings) -> Literal["bf16", "fp16", "no"]:
+    """The mixed precision a run actually uses, after checking the hardware.
+
+    CPU runs always train in fp32: HF's CPU autocast in bf16 is slower than fp32 on most CPUs and
+    fp16 autocast is not supported there, so `bf16`/`fp16` fall back to `no` with a warning.
+    Raises ValueError for `bf16` on a CUDA device without bf16 support (pre-Ampere): pick fp16.
+    """
+    import logging
+
+    import torch
+
+    wanted = settings.mixed_precision
+    if wanted == "no":
+        return "no"
+    if not torch.cuda.is_available():
+        logging.getLogger(__name__).warning(
+            "mixed_precision=%s needs a GPU; this CPU run trains in fp32 (mixed_precision=no).", wanted
+        )
+        return "no"
+    if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("mixed_precision=bf16: this GPU has no bf16 support; set MIXED_PRECISION=fp16 or no")
+    return wanted
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _group_of(name: str) -> str:
+    for group in GROUPS:
+        if name in group.model_fields:
+            return group.__name__.removesuffix("Settings").lower() or "model"
+    return "other"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per setting, `--name` and `--name-with-dashes`.
+
+    Flags default to "not given" so that only what the user typed overrides `.env`/environment.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Every flag is also an environment variable (upper-case name) and a .env line. "
+        "Precedence: defaults < .env < environment < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, info in Settings.model_fields.items():
+        group_name = _group_of(name)
+        group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} settings"))
+        default = "(none)" if info.default is None else _env_value(info.default)
+        if name in SECRET_FIELDS:
+            default = "(none)"
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        group.add_argument(
+            *flags, dest=name, metavar=name.upper(),
+            help=f"{info.description} [default: {default}; env: {name.upper()}]".replace("%", "%%"),
+        )
+    return parser
+
+
+def _env_value(value: Any) -> str:
+    """How a default is written in .env: lists comma-joined, booleans lower-case."""
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None = ".env") -> Settings:
+    """Build `Settings` from defaults, `.env`, the environment and command-line flags.
+
+    Args:
+        argv: flags to parse (`["--lora_r", "32"]`); None reads `sys.argv[1:]`. `--help` prints
+            every setting with its description, default and env name, then exits.
+        env_file: the dotenv file to read (relative to the working directory); None reads none.
+    Raises:
+        pydantic.ValidationError listing every invalid setting at once.
+    """
+    import sys
+
+    flags = vars(build_parser().parse_args(sys.argv[1:] if argv is None else list(argv)))
+    return Settings(_env_file=env_file, **flags)
+
+
+@lru_cache(maxsize=1)
+def cached_settings() -> Settings:
+    """The process-wide settings from `.env` and the environment (no flags), built once."""
+    return get_settings(argv=[])
+
+
+def save_settings(settings: Settings, path: str | Path) -> Path:
+    """Write the resolved settings as JSON, secrets removed. Returns the file path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings.to_saved_dict(), indent=2) + "\n")
+    return path
+
+
+def env_example_text() -> str:
+    """The text of `.env.example`: every setting with its description and default, by group.
+
+    `python config.py` rewrites `.env.example` from it; a test fails when the two disagree.
+    """
+    lines = [
+        "# Copy to .env and edit. Every line is optional: the value shown is the default.",
+        "# Precedence: defaults < .env < environment variables < command-line flags (--name value).",
+        "# Generated from config.py by `python config.py`; do not edit by hand.",
+    ]
+    for group in GROUPS:
+        lines += ["", f"# ---- {group.__name__.removesuffix('Settings').lower()} settings"]
+        for name, info in group.model_fields.items():
+            default = "" if info.default is None or name in SECRET_FIELDS else _env_value(info.default)
+            lines += [f"# {info.description}", f"{name.upper()}={default}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    (REPO_ROOT / ".env.example").write_text(env_example_text())
+    print(f"wrote {REPO_ROOT / '.env.example'}")

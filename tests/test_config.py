@@ -1,0 +1,156 @@
+"""Settings: sources and precedence, names, validation, secrets, .env.example sync."""
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import config
+from config import Settings, env_example_text, get_settings, resolve_precision, save_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No setting leaks in from the developer's shell."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_defaults_match_the_documented_ones():
+    s = get_settings([], env_file=None)
+    assert s.base_model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert s.output_dir == "./ft-outputs"
+    assert (s.lora_r, s.lora_alpha, s.lora_target_modules) == (16, 32, ["all-linear"])
+    assert (s.prompt_template, s.mixed_precision, s.load_in_4bit) == ("alpaca", "bf16", False)
+
+
+def test_precedence_defaults_dotenv_environment_flags(tmp_path, monkeypatch):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LORA_R=4\nLORA_ALPHA=8\nLEARNING_RATE=0.001\n")
+    monkeypatch.setenv("LORA_ALPHA", "12")
+    monkeypatch.setenv("LEARNING_RATE", "0.002")
+    s = get_settings(["--learning_rate", "0.003"], env_file=env_file)
+    assert s.lora_r == 4            # .env over default
+    assert s.lora_alpha == 12       # environment over .env
+    assert s.learning_rate == 0.003  # flag over environment
+    assert s.lora_dropout == 0.05   # default
+
+
+def test_seed_env_names(monkeypatch):
+    monkeypatch.setenv("BASE_MODEL_NAME", "/models/x")
+    monkeypatch.setenv("LOAD_IN_4BIT", "false")
+    monkeypatch.setenv("LORA_R", "32")
+    monkeypatch.setenv("LORA_ALPHA", "64")
+    monkeypatch.setenv("LORA_TARGET_MODULES", "q_proj, v_proj,o_proj")
+    monkeypatch.setenv("MAX_SEQ_LENGTH", "1024")
+    monkeypatch.setenv("MIXED_PRECISION", "fp16")
+    s = get_settings([], env_file=None)
+    assert (s.base_model_name, s.load_in_4bit, s.lora_r, s.lora_alpha) == ("/models/x", False, 32, 64)
+    assert s.lora_target_modules == ["q_proj", "v_proj", "o_proj"]
+    assert (s.max_seq_length, s.mixed_precision) == (1024, "fp16")
+
+
+def test_every_setting_env_name_is_its_upper_case_field_name(monkeypatch):
+    monkeypatch.setenv("MAX_STEPS", "7")
+    monkeypatch.setenv("OUTPUT_DIR", "/tmp/o")
+    monkeypatch.setenv("PROMPT_TEMPLATE", "chatml")
+    s = get_settings([], env_file=None)
+    assert (s.max_steps, s.output_dir, s.prompt_template) == (7, "/tmp/o", "chatml")
+
+
+def test_flags_accept_underscores_and_dashes():
+    s = get_settings(["--lora_r", "32", "--lora-alpha", "16", "--use-dora", "true"], env_file=None)
+    assert (s.lora_r, s.lora_alpha, s.use_dora) == (32, 16, True)
+
+
+def test_help_lists_every_setting_with_description_default_and_env_name(capsys):
+    with pytest.raises(SystemExit):
+        get_settings(["--help"], env_file=None)
+    text = " ".join(capsys.readouterr().out.split())
+    for name, info in Settings.model_fields.items():
+        assert f"--{name}" in text
+        assert f"env: {name.upper()}" in text
+        assert " ".join(info.description.split())[:40] in text
+    assert "[default: 16; env: LORA_R]" in text
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValidationError) as err:
+        get_settings(["--lora_r", "0", "--lora_alpha", "inf", "--lora_dropout", "1.0",
+                      "--prompt_template", "vicuna", "--mixed_precision", "fp8",
+                      "--dataset_format", "xml"], env_file=None)
+    fields = {e["loc"][0] for e in err.value.errors()}
+    assert fields == {"lora_r", "lora_alpha", "lora_dropout", "prompt_template", "mixed_precision", "dataset_format"}
+
+
+@pytest.mark.parametrize("flag,value", [("--lora_alpha", "0"), ("--lora_alpha", "-1"), ("--lora_alpha", "nan"),
+                                        ("--lora_dropout", "-0.1"), ("--max_steps", "0"),
+                                        ("--eval_split_size", "2.5"), ("--lora_target_modules", " , ")])
+def test_bad_values_are_rejected(flag, value):
+    with pytest.raises(ValidationError) as err:
+        get_settings([flag, value], env_file=None)
+    assert err.value.errors()[0]["loc"][0] == flag.removeprefix("--")
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ValidationError, match="load_in_4bit=true needs a working bitsandbytes"):
+        get_settings(["--load_in_4bit", "true"], env_file=None)
+
+
+def test_cpu_precision_falls_back_to_fp32(monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    s = get_settings(["--mixed_precision", "bf16"], env_file=None)
+    assert resolve_precision(s) == "no"
+    assert "trains in fp32" in caplog.text
+
+
+def test_bf16_on_gpu_without_bf16_is_an_error(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="MIXED_PRECISION=fp16"):
+        resolve_precision(get_settings([], env_file=None))
+
+
+def test_hf_token_never_printed_or_saved(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_TOPSECRET123")
+    s = get_settings([], env_file=None)
+    assert s.hf_token.get_secret_value() == "hf_TOPSECRET123"
+    print(s, repr(s))
+    saved = save_settings(s, tmp_path / "run_settings.json").read_text()
+    assert "TOPSECRET" not in capsys.readouterr().out
+    assert "TOPSECRET" not in saved and "hf_token" not in json.loads(saved)
+    with pytest.raises(ValidationError) as err:
+        get_settings(["--hf_token", "hf_TOPSECRET123", "--lora_r", "0"], env_file=None)
+    assert "TOPSECRET" not in str(err.value)
+
+
+def test_empty_values_in_a_copied_env_example_mean_defaults(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_example_text())
+    assert get_settings([], env_file=env_file).model_dump() == get_settings([], env_file=None).model_dump()
+
+
+def test_env_example_is_in_sync_with_settings():
+    text = (REPO / ".env.example").read_text()
+    assert text == env_example_text(), "run `python config.py` to regenerate .env.example"
+    keys = [line.split("=", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert keys == [name.upper() for group in config.GROUPS for name in group.model_fields]
+    assert sorted(keys) == sorted(name.upper() for name in Settings.model_fields)
+
+
+def test_settings_is_every_group():
+    s = get_settings([], env_file=None)
+    assert all(isinstance(s, group) for group in config.GROUPS)
