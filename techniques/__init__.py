@@ -1,0 +1,1 @@
+"""Fine-tuning techniques: each module turns settings and a base model into a trainable model."""

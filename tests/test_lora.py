@@ -1,0 +1,159 @@
+"""LoRA and QLoRA techniques on a tiny random Llama: targets, merge equality, 4-bit gradients."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tests.tiny_model as tiny_model
+from config import get_settings
+from models import load_model
+from techniques.lora import apply_lora, count_parameters, load_lora, merge_and_save_lora
+from tests.tiny_model import make_tiny_model_dir
+
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 40, 60, 80, 100, 120, 140, 160]])
+
+
+def settings_for(model_dir, *flags):
+    return get_settings(["--base_model_name", str(model_dir), "--lora_dropout", "0", *flags], env_file=None)
+
+
+def randomize_lora_b(model, seed=0):
+    """LoRA B starts at zero (the adapter is a no-op); give it values so merges are tested for real."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return make_tiny_model_dir(tmp_path)
+
+
+def test_apply_lora_counts_exact_trainable_parameters(tiny_dir):
+    s = settings_for(tiny_dir, "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj")
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    # per layer: q_proj 32->32 and v_proj 32->16 (2 kv heads x 8): r*(in+out) each
+    expected = 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    trainable, total = count_parameters(model)
+    assert trainable == expected
+    assert total == expected + sum(p.numel() for p in load_model(s, path=str(tiny_dir)).parameters())
+
+
+def test_unknown_target_module_lists_the_linear_layers(tiny_dir):
+    s = settings_for(tiny_dir, "--lora_target_modules", "q_proj,qproj")
+    with pytest.raises(ValueError) as err:
+        apply_lora(load_model(s, path=str(tiny_dir)), s)
+    message = str(err.value)
+    assert "qproj" in message and "lora_target_modules" in message
+    for name in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"):
+        assert name in message
+
+
+def test_all_linear_targets_every_projection_but_the_head(tiny_dir):
+    s = settings_for(tiny_dir, "--lora_target_modules", "all-linear")
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_merged_folder_loads_in_plain_transformers_with_equal_logits(tmp_path, tie):
+    model_dir = make_tiny_model_dir(tmp_path, tie_word_embeddings=tie)
+    s = settings_for(model_dir)
+    model = apply_lora(load_model(s, path=str(model_dir)), s)
+    randomize_lora_b(model)
+    expected = logits(model)
+    base_logits = logits(load_model(s, path=str(model_dir)))
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter really changes the model
+
+    diff = merge_and_save_lora(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    assert diff <= 1e-4
+    assert (logits(merged) - expected).abs().max().item() <= 1e-4
+
+
+def test_failed_merge_leaves_no_output_dir(tiny_dir, tmp_path, monkeypatch):
+    s = settings_for(tiny_dir)
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    randomize_lora_b(model)
+    monkeypatch.setitem(__import__("techniques.lora").lora.MERGE_TOLERANCE, torch.float32, -1.0)
+    with pytest.raises(ValueError, match="differs from the adapter model"):
+        merge_and_save_lora(model, tmp_path / "out" / "merged")
+    assert not (tmp_path / "out" / "merged").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary folder left behind either
+
+
+def test_saved_adapter_reloads_with_the_same_logits(tiny_dir, tmp_path):
+    s = settings_for(tiny_dir)
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    randomize_lora_b(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_lora(load_model(s, path=str(tiny_dir)), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded), expected)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_lora(load_model(s, path=str(tiny_dir)), tmp_path)
+
+
+# ---------------------------------------------------------------- QLoRA (bitsandbytes CPU backend)
+
+
+@pytest.fixture
+def tiny_dir_64(tmp_path, monkeypatch):
+    """bitsandbytes' CPU 4-bit kernel needs in_features >= its 64-wide quantization block."""
+    monkeypatch.setitem(tiny_model.TINY_CONFIG, "hidden_size", 64)
+    monkeypatch.setitem(tiny_model.TINY_CONFIG, "intermediate_size", 128)
+    return make_tiny_model_dir(tmp_path, name="tiny-64")
+
+
+def test_qlora_trains_lora_weights_through_gradient_checkpointing(tiny_dir_64):
+    import bitsandbytes as bnb
+
+    from techniques.qlora import apply_qlora, load_4bit_model
+
+    s = settings_for(tiny_dir_64, "--load_in_4bit", "true", "--gradient_checkpointing", "true")
+    model = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert model.base_model.model.model.gradient_checkpointing
+    randomize_lora_b(model)  # with B = 0 the gradient of A is exactly zero by construction
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(n.count("lora_") == 1 for n in grads)  # only adapters train
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+
+
+def test_qlora_merge_is_dequantized_weight_plus_scaled_delta(tiny_dir_64, tmp_path):
+    from techniques.qlora import apply_qlora, dequantized_state, load_4bit_model, merge_and_save_qlora
+
+    s = settings_for(tiny_dir_64, "--load_in_4bit", "true", "--lora_r", "4", "--lora_alpha", "8")
+    model = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+    randomize_lora_b(model)
+    model.train()  # train mode: bitsandbytes' CPU eval path runs in bf16, training in the compute dtype
+    live = logits(model)
+    deq = dequantized_state(model)
+    deltas = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A"):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            deltas[name.removeprefix("base_model.model.") + ".weight"] = (8 / 4) * (b @ a).detach()
+            deq_key = name + ".base_layer.weight"
+            deltas[name.removeprefix("base_model.model.") + ".weight"] += deq[deq_key]
+
+    merge_and_save_qlora(model, tmp_path / "merged", s)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    state = merged.state_dict()
+    assert len(deltas) == 14  # 7 projections x 2 layers
+    for key, expected in deltas.items():
+        torch.testing.assert_close(state[key], expected, atol=1e-6, rtol=0)
+    assert (logits(merged) - live).abs().max().item() <= 1e-4
