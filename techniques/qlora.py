@@ -56,9 +56,19 @@ def load_4bit_model(settings: Settings, path: str | None = None) -> PreTrainedMo
         import bitsandbytes  # noqa: F401
     except Exception as exc:
         raise RuntimeError(f"QLoRA (load_in_4bit=true) needs a working bitsandbytes>=0.46: {exc}") from exc
+    import bitsandbytes as bnb
+
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    return load_model(settings, path=path, dtype=compute_dtype(settings),
-                      quantization_config=bnb_config(settings), device_map={"": device})
+    model = load_model(settings, path=path, dtype=compute_dtype(settings),
+                       quantization_config=bnb_config(settings), device_map={"": device})
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # bitsandbytes 0.50 repacks CPU weights for an AVX512-bf16 kernel at the first eval
+            # forward and keeps them so; that kernel has no backward, so training after any eval
+            # (trainer.evaluate(), sampling) would silently lose the gradient through every 4-bit
+            # layer. It also computes in bf16, unlike training. Keep the standard layout.
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def apply_qlora(model: PreTrainedModel, settings: Settings) -> PeftModel:

@@ -133,6 +133,35 @@ def test_qlora_trains_lora_weights_through_gradient_checkpointing(tiny_dir_64):
     assert all(p.grad is None for p in frozen)
 
 
+def test_qlora_gradients_equal_fp32_lora_on_dequantized_weights_even_after_eval(tiny_dir_64):
+    """QLoRA's gradients are those of LoRA on dequant(Q(W)); an eval pass first must not change that.
+
+    bitsandbytes' CPU eval path repacks weights for a kernel with no backward; without the fix in
+    `load_4bit_model` the gradients below lose the path through the 4-bit layers after `eval()`.
+    """
+    from techniques.qlora import apply_qlora, dequantized_state, load_4bit_model
+
+    s = settings_for(tiny_dir_64, "--load_in_4bit", "true")
+    qlora = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+    randomize_lora_b(qlora)
+    reference = load_model(s, path=str(tiny_dir_64), dtype=torch.float32)
+    weights = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+               for k, v in dequantized_state(qlora).items()}
+    assert reference.load_state_dict(weights, strict=False).unexpected_keys == []
+    reference = apply_lora(reference, s)
+    reference.load_state_dict({k: v for k, v in qlora.state_dict().items() if "lora_" in k}, strict=False)
+
+    qlora.eval()
+    logits(qlora)  # an eval forward, as trainer.evaluate() does before training
+    for model in (qlora, reference):
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, param in qlora.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, reference_grads[name].grad, atol=1e-5, rtol=1e-4)
+
+
 def test_qlora_merge_is_dequantized_weight_plus_scaled_delta(tiny_dir_64, tmp_path):
     from techniques.qlora import apply_qlora, dequantized_state, load_4bit_model, merge_and_save_qlora
 
