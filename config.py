@@ -172,12 +172,50 @@ class DataSettings(BaseModel):
         return None if value == "" else value
 
 
-GROUPS: tuple[type[BaseModel], ...] = (ModelSettings, LoraSettings, QLoraSettings, TrainingSettings, DataSettings)
+class FullFTSettings(BaseModel):
+    """Full fine-tuning: layer-wise LR decay and differential LR groups (techniques/full_finetune.py)."""
+
+    llrd_decay: float = Field(1.0, gt=0, le=1, description="Layer-wise LR decay: layer i of L trains at lr * llrd_decay ** (L - i); 1.0 = off.")
+    embed_lr: float | None = Field(None, gt=0, description="LR of the input embeddings; empty = lr * llrd_decay ** (L + 1).")
+    head_lr: float | None = Field(None, gt=0, description="LR of the output head and final norm; empty = learning_rate.")
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings frozen.")
+    freeze_layers: int = Field(0, ge=0, description="Keep the first k decoder layers frozen.")
+    optim: str = Field("adamw_torch", description="Optimizer: adamw_torch, or adamw_8bit / paged_adamw_8bit (bitsandbytes, GPU).")
+
+    @field_validator("embed_lr", "head_lr", mode="before")
+    @classmethod
+    def _empty_lr_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class DPOSettings(BaseModel):
+    """Direct Preference Optimization through TRL's DPOTrainer (techniques/dpo.py)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
+    loss_type: str = Field("sigmoid", description="DPO loss: sigmoid (DPO), ipo, hinge, robust, or another TRL loss type.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO (cDPO): assumed share of flipped preference labels.")
+    max_prompt_length: int = Field(256, ge=1, description="Longest prompt in tokens (cut from the left).")
+    max_length: int = Field(512, ge=2, description="Longest prompt + completion in tokens.")
+    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once before training (saves memory).")
+    ref_model: str | None = Field(None, description="Reference model path; empty = the policy's own start (adapter disabled or a frozen copy).")
+    rpo_alpha: float | None = Field(None, ge=0, description="Weight of an added SFT (NLL) term on chosen answers (RPO); empty = off.")
+
+    @field_validator("ref_model", "rpo_alpha", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+GROUPS: tuple[type[BaseModel], ...] = (
+    ModelSettings, LoraSettings, QLoraSettings, TrainingSettings, DataSettings, FullFTSettings, DPOSettings,
+)
 
 
 # Bases in reverse order: pydantic lists inherited fields from the last base first, so --help
 # and .env.example read model, lora, qlora, training, data.
-class Settings(DataSettings, TrainingSettings, QLoraSettings, LoraSettings, ModelSettings, BaseSettings):
+class Settings(
+    DPOSettings, FullFTSettings, DataSettings, TrainingSettings, QLoraSettings, LoraSettings, ModelSettings, BaseSettings
+):
     """All settings of a run. See the module docstring for sources and names.
 
     Raises pydantic.ValidationError naming every invalid field at once (bounds are `Field`
@@ -225,7 +263,7 @@ def resolve_precision(settings: TrainingSettings) -> Literal["bf16", "fp16", "no
 def _group_of(name: str) -> str:
     for group in GROUPS:
         if name in group.model_fields:
-            return group.__name__.removesuffix("Settings").lower() or "model"
+            return group.__name__.removesuffix("Settings").lower()
     return "other"
 
 
