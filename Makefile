@@ -22,7 +22,7 @@ demo: install
 	$(PY) examples/finetune_llm_lora.py
 
 test: install
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
