@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from config import DEFAULT_MODEL_ID  # noqa: E402  (one home for the default id)
+
 DEFAULT_MODEL_CACHE_DIR = "~/.cache/ft-kit"
 
 #: Seconds allowed for the first Hub request (``model_info``) before any download. Measured on a
