@@ -156,6 +156,18 @@ class DataSettings(BaseModel):
         "truncate_prompt", description="Over-long examples: truncate_prompt (cut the prompt from the left) or drop."
     )
     train_on_last_turn_only: bool = Field(False, description="Supervise only the last assistant turn of each conversation.")
+    role_map: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Extra record roles as from:to pairs, to = system/user/assistant, e.g. "
+        "function_call:assistant,observation:user (ShareGPT 'from' and messages 'role'). "
+        "An unmapped unknown role stops the run naming the role and record.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack examples into rows of max_seq_length (TRL best-fit packing, position ids restart per "
+        "example, no cross-example attention): less padding, but a step then holds "
+        "per_device_train_batch_size rows, i.e. more examples.",
+    )
     eval_dataset_path: str | None = Field(None, description="Held-out eval file; when empty, eval_split_size of the training data is held out.")
     eval_split_size: float = Field(0.1, ge=0, description="Held-out share of the training data: a fraction (< 1), a record count (>= 1), or 0 for none.")
 
@@ -171,6 +183,15 @@ class DataSettings(BaseModel):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("role_map", mode="before")
+    @classmethod
+    def _role_pairs(cls, value: Any) -> Any:
+        pairs = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+        bad = [p for p in pairs if p.count(":") != 1 or p.split(":")[1] not in ("system", "user", "assistant")]
+        if bad:
+            raise ValueError(f"expected from:to pairs with to = system, user or assistant; got {bad}")
+        return pairs
+
 
 class FullFTSettings(BaseModel):
     """Full fine-tuning: layer-wise LR decay and differential LR groups (techniques/full_finetune.py)."""
@@ -182,6 +203,14 @@ class FullFTSettings(BaseModel):
     freeze_layers: int = Field(0, ge=0, description="Keep the first k decoder layers frozen.")
     optim: str = Field("adamw_torch", description="Optimizer: adamw_torch, or adamw_8bit / paged_adamw_8bit (bitsandbytes, GPU).")
 
+    @field_validator("optim")
+    @classmethod
+    def _known_optim(cls, value: str) -> str:
+        known = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # techniques.full_finetune.OPTIMIZERS
+        if value not in known:
+            raise ValueError(f"must be one of {', '.join(known)}")
+        return value
+
     @field_validator("embed_lr", "head_lr", mode="before")
     @classmethod
     def _empty_lr_is_none(cls, value: Any) -> Any:
@@ -191,6 +220,20 @@ class FullFTSettings(BaseModel):
 class DPOSettings(BaseModel):
     """Direct Preference Optimization through TRL's DPOTrainer (techniques/dpo.py)."""
 
+    dpo_dataset_path: str = Field(
+        "data/preference_demo.jsonl",
+        description="Preference pairs: prompt/chosen/rejected (strings or messages), ShareGPT "
+        "conversations + chosen + rejected, or chosen/rejected transcripts sharing their prompt.",
+    )
+    dpo_eval_dataset_path: str | None = Field(None, description="Held-out preference pairs; when empty, eval_split_size of dpo_dataset_path is held out.")
+    dpo_policy: Literal["lora", "full"] = Field(
+        "lora",
+        description="What DPO trains: lora (adapters; QLoRA with load_in_4bit=true; reference = the adapter off) "
+        "or full (every weight; reference = a frozen copy, or precomputed log-probs).",
+    )
+    sft_adapter_dir: str | None = Field(
+        None, description="Start the LoRA policy from this trained SFT adapter; the reference is that adapter, frozen.",
+    )
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
     loss_type: str = Field("sigmoid", description="DPO loss: sigmoid (DPO), ipo, hinge, robust, or another TRL loss type.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO (cDPO): assumed share of flipped preference labels.")
@@ -200,10 +243,20 @@ class DPOSettings(BaseModel):
     ref_model: str | None = Field(None, description="Reference model path; empty = the policy's own start (adapter disabled or a frozen copy).")
     rpo_alpha: float | None = Field(None, ge=0, description="Weight of an added SFT (NLL) term on chosen answers (RPO); empty = off.")
 
-    @field_validator("ref_model", "rpo_alpha", mode="before")
+    @field_validator("ref_model", "rpo_alpha", "sft_adapter_dir", "dpo_eval_dataset_path", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        # TRL 1.16 DPOConfig.loss_type; "sft" alone is not preference optimization (use rpo_alpha).
+        known = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+        if value not in known:
+            raise ValueError(f"must be one of {', '.join(known)}")
+        return value
 
 
 GROUPS: tuple[type[BaseModel], ...] = (

@@ -129,7 +129,12 @@ def detect_format(record: dict) -> str:
 
 
 def to_messages(
-    record: dict, fmt: str | None = None, *, source: str | None = None, index: int | None = None
+    record: dict,
+    fmt: str | None = None,
+    *,
+    source: str | None = None,
+    index: int | None = None,
+    role_map: dict[str, str] | None = None,
 ) -> list[dict]:
     """One record as a list of chat messages `{"role": "system"|"user"|"assistant", "content": str}`.
 
@@ -140,20 +145,25 @@ def to_messages(
             roles system, human/user, gpt/assistant) or "messages" (`messages` of `role`/`content`;
             other record keys such as `label` are ignored).
         source, index: file name and record index, only used in error messages.
+        role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"function_call":
+            "assistant", "observation": "user"} (setting `role_map`); each maps to system, user or
+            assistant, and then follows the turn rules below like any other turn of that role.
 
     Alpaca: the user content is `instruction` + ("\\n\\n" + input when input != ""), and the user
     message also keeps the keys `instruction` and `input` so the alpaca template can render the
     canonical with-input prompt. A non-empty `system` becomes a system message.
 
-    Turn rules (checked for every format): an optional system turn, only first; then user and
-    assistant alternate starting with user (two consecutive turns of one role are rejected, never
-    merged or dropped); at least one assistant turn; a trailing user turn is kept (it is rendered
-    as prompt and never supervised). Roles come from the role field, never from positions.
+    Turn rules (checked for every format): an optional system turn, only first, and kept; then
+    user and assistant alternate starting with user (two consecutive turns of one role, after
+    `role_map`, are rejected, never merged or dropped: merge them in the data); at least one
+    assistant turn; a trailing user turn is kept (it is rendered as prompt and never supervised).
+    Every turn of the record becomes one message; roles come from the role field, never from
+    positions.
 
     Raises:
-        DatasetError: missing field, wrong type, unknown role (e.g. `function_call`, `observation`,
-            `tool`), empty conversation, broken turn order, no assistant turn. The message names
-            `source`, `index` and the field.
+        DatasetError: missing field, wrong type, unknown role not in `role_map` (e.g. `function_call`,
+            `observation`, `tool`), empty conversation, broken turn order, no assistant turn. The
+            message names `source`, `index`, the field and, for a role, the role itself.
         ValueError: unknown `fmt`.
     """
     if fmt not in (None, *FORMATS):
@@ -164,9 +174,10 @@ def to_messages(
         fmt = detect_format(record) if fmt in (None, "auto") else fmt
         if fmt == "alpaca":
             return _read_alpaca(record)
+        extra = role_map or {}
         if fmt == "sharegpt":
-            return _read_turns(record, "conversations", "from", "value", _SHAREGPT_ROLES)
-        return _read_turns(record, "messages", "role", "content", {r: r for r in _MESSAGE_ROLES})
+            return _read_turns(record, "conversations", "from", "value", {**_SHAREGPT_ROLES, **extra})
+        return _read_turns(record, "messages", "role", "content", {**{r: r for r in _MESSAGE_ROLES}, **extra})
     except DatasetError as err:
         raise err.with_context(source, index) from None
 
@@ -207,7 +218,11 @@ def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: 
             raise DatasetError(f"expected an object, got {type(turn).__name__}", field=where)
         name = _get_str(turn, role_key, f"{where}.{role_key}")
         if name not in roles:
-            raise DatasetError(f"unknown role {name!r}; expected one of {sorted(roles)}", field=f"{where}.{role_key}")
+            raise DatasetError(
+                f"unknown role {name!r}; expected one of {sorted(roles)}, or map it with the role_map setting "
+                f"(e.g. ROLE_MAP={name}:user)",
+                field=f"{where}.{role_key}",
+            )
         messages.append({"role": roles[name], "content": _get_str(turn, content_key, f"{where}.{content_key}")})
     _check_turn_order(messages, f"{key}[{{}}].{role_key}")
     return messages
@@ -317,24 +332,31 @@ def _load_with_datasets(name: str) -> list[dict]:
         ) from err
 
 
-def load_messages(path: str | Path, fmt: str = "auto", system_prompt: str | None = None) -> list[list[dict]]:
-    """`to_messages` of every record in `path`; `system_prompt`, when set, is prepended as a system
-    message to conversations that have none.
+def load_messages(
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None, role_map: dict[str, str] | None = None
+) -> list[list[dict]]:
+    """`to_messages` of every record in `path` (with `role_map`); `system_prompt`, when set, is
+    prepended as a system message to conversations that have none.
 
     Every record is checked before anything is raised. One malformed record raises its own
     DatasetError (file, record index, field); several raise one DatasetError that lists them (the
     first 10 in full) and keeps them all in its `problems` attribute.
     """
+    return [messages for _, messages in _load_indexed(path, fmt, system_prompt, role_map)]
+
+
+def _load_indexed(path, fmt, system_prompt, role_map) -> list[tuple[int, list[dict]]]:
+    """`load_messages` as (record index in the file, messages) pairs."""
     conversations, problems = [], []
     for index, record in enumerate(load_records(path)):
         try:
-            messages = to_messages(record, fmt, source=str(path), index=index)
+            messages = to_messages(record, fmt, source=str(path), index=index, role_map=role_map)
         except DatasetError as err:
             problems.append(err)
             continue
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
-        conversations.append(messages)
+        conversations.append((index, messages))
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -374,21 +396,38 @@ def split_records(items: list, eval_split_size: float, seed: int) -> tuple[list,
 def load_splits(settings: Any) -> dict[str, list[list[dict]]]:
     """Messages per split: {"train": [...]} plus "eval" when there is eval data.
 
-    Reads `settings.dataset_path`, `dataset_format`, `system_prompt`, `eval_dataset_path`,
-    `eval_split_size` and `seed`. An `eval_dataset_path` wins: the train file is then not split
-    and `eval_split_size` is ignored. Otherwise `split_records` holds out records of the train file
-    before anything is tokenized. Raises DatasetError (see `load_messages`, `split_records`).
+    Reads `settings.dataset_path`, `dataset_format`, `system_prompt`, `role_map` (see
+    `parse_role_map`), `eval_dataset_path`, `eval_split_size` and `seed`. An `eval_dataset_path`
+    wins: the train file is then not split and `eval_split_size` is ignored. Otherwise
+    `split_records` holds out records of the train file before anything is tokenized. Raises
+    DatasetError (see `load_messages`, `split_records`).
     """
-    train = load_messages(settings.dataset_path, settings.dataset_format, settings.system_prompt)
+    return {name: [messages for _, messages in pairs] for name, pairs in _indexed_splits(settings).items()}
+
+
+def _indexed_splits(settings) -> dict[str, list[tuple[int, list[dict]]]]:
+    """`load_splits` with each conversation's record index in its file (for the report)."""
+    role_map = parse_role_map(settings.role_map)
+    load_args = (settings.dataset_format, settings.system_prompt, role_map)
+    train = _load_indexed(settings.dataset_path, *load_args)
     if settings.eval_dataset_path:
         if settings.eval_split_size:
             logger.info("eval_dataset_path is set, so eval_split_size=%s is ignored", settings.eval_split_size)
-        return {
-            "train": train,
-            "eval": load_messages(settings.eval_dataset_path, settings.dataset_format, settings.system_prompt),
-        }
+        return {"train": train, "eval": _load_indexed(settings.eval_dataset_path, *load_args)}
     train, held_out = split_records(train, settings.eval_split_size, settings.seed)
     return {"train": train, "eval": held_out} if held_out else {"train": train}
+
+
+def parse_role_map(pairs: list[str]) -> dict[str, str]:
+    """The `role_map` setting, ["function_call:assistant", "observation:user"], as a dict. Raises
+    ValueError for a pair that is not `from:to` with to = system, user or assistant."""
+    role_map = {}
+    for pair in pairs:
+        name, _, role = pair.partition(":")
+        if not name or role not in _MESSAGE_ROLES:
+            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {_MESSAGE_ROLES}")
+        role_map[name] = role
+    return role_map
 
 
 def held_out_prompt(messages: list[dict]) -> tuple[list[dict], str]:
@@ -788,7 +827,15 @@ def _truncate(ids: list[int], labels: list[int], n: int, has_bos: bool) -> tuple
 @dataclass
 class SplitReport:
     """Counts for one split: records = kept + dropped_too_long + dropped_no_supervised; `truncated`
-    counts kept examples that were shortened; tokens and lengths are over kept examples."""
+    counts kept examples that were shortened; tokens and lengths are over kept examples.
+
+    With packing (train split only; eval batches are never packed, see techniques/sft.py):
+    `packed_rows` rows of at most max_seq_length tokens hold the kept examples (TRL's best-fit
+    decreasing, as the trainer packs them) and `packing_efficiency` = total_tokens / (packed_rows
+    * max_seq_length), the share of row slots that hold tokens. Both stay None without packing.
+
+    `dropped` names every dropped record: "<file>: record <index in the file>: <status>: <reason>".
+    """
 
     records: int = 0
     kept: int = 0
@@ -800,25 +847,32 @@ class SplitReport:
     length_p50: int = 0
     length_p90: int = 0
     length_max: int = 0
+    packed_rows: int | None = None
+    packing_efficiency: float | None = None
+    dropped: list[str] = field(default_factory=list)
 
 
 @dataclass
 class BuildReport:
-    """What `build_sft_dataset` did, per split; `format()` gives a table for the log."""
+    """What `build_sft_dataset` did, per split; `format()` gives a table for the log (the packing
+    columns only when `packing`)."""
 
     template: str
     max_seq_length: int
     truncation_strategy: str
     splits: dict[str, SplitReport] = field(default_factory=dict)
+    packing: bool = False
 
     def format(self) -> str:
-        names = [f.name for f in fields(SplitReport)]
+        names = [f.name for f in fields(SplitReport) if f.name != "dropped"]
+        if not self.packing:
+            names = [n for n in names if n not in ("packed_rows", "packing_efficiency")]
         header = ["split"] + names
-        rows = [[split] + [str(getattr(report, n)) for n in names] for split, report in self.splits.items()]
+        rows = [[split] + [_cell(getattr(report, n)) for n in names] for split, report in self.splits.items()]
         widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
         lines = [
             f"SFT data: template={self.template}, max_seq_length={self.max_seq_length}, "
-            f"truncation_strategy={self.truncation_strategy}"
+            f"truncation_strategy={self.truncation_strategy}, packing={str(self.packing).lower()}"
         ]
         for row in [header] + rows:
             lines.append(
@@ -826,7 +880,34 @@ class BuildReport:
                     cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
                 )
             )
+        for split, report in self.splits.items():
+            more = len(report.dropped) - 10
+            lines += [f"dropped from {split}: {line}" for line in report.dropped[:10]]
+            lines += [f"dropped from {split}: ... and {more} more"] if more > 0 else []
         return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def packed_row_count(lengths: list[int], max_seq_length: int) -> int:
+    """Rows that TRL's best-fit-decreasing packing (`trl.pack_dataset(..., "bfd")`, what the trainer
+    runs with packing on) makes of examples with these lengths, each row <= max_seq_length tokens."""
+    from trl import pack_dataset  # only packing needs it; the rest of this module is TRL-free
+
+    if not lengths:
+        return 0
+    rows = datasets.Dataset.from_dict({"input_ids": [[0] * n for n in lengths]})
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a count for the report, not a step worth a progress bar
+    try:
+        return pack_dataset(rows, max_seq_length, "bfd").num_rows
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def build_sft_dataset(settings: Any, tokenizer: Any) -> datasets.DatasetDict:
@@ -839,9 +920,10 @@ def build_sft_dataset(settings: Any, tokenizer: Any) -> datasets.DatasetDict:
 def build_sft_dataset_with_report(settings: Any, tokenizer: Any) -> tuple[datasets.DatasetDict, BuildReport]:
     """Load, split, render and tokenize the SFT data described by `settings`.
 
-    Reads `dataset_path`, `dataset_format`, `prompt_template`, `system_prompt`, `max_seq_length`,
-    `eval_dataset_path`, `eval_split_size`, `seed`, `truncation_strategy`, `train_on_last_turn_only`
-    (see `load_splits` and `build_sft_example`).
+    Reads `dataset_path`, `dataset_format`, `prompt_template`, `system_prompt`, `role_map`,
+    `max_seq_length`, `eval_dataset_path`, `eval_split_size`, `seed`, `truncation_strategy`,
+    `train_on_last_turn_only` (see `load_splits` and `build_sft_example`) and `packing` (only for the
+    report: the trainer packs, see techniques/sft.py).
 
     Returns a DatasetDict with "train" (and "eval" when there is eval data), columns input_ids,
     attention_mask, labels (lists of int64, unpadded), and a BuildReport of what was kept, truncated
@@ -851,15 +933,19 @@ def build_sft_dataset_with_report(settings: Any, tokenizer: Any) -> tuple[datase
     in one message), DatasetError for malformed records or a split left without examples.
     """
     _validate_settings(settings, tokenizer)
-    splits = load_splits(settings)
-    report = BuildReport(settings.prompt_template, settings.max_seq_length, settings.truncation_strategy)
+    splits = _indexed_splits(settings)
+    report = BuildReport(
+        settings.prompt_template, settings.max_seq_length, settings.truncation_strategy, packing=settings.packing
+    )
     built = {}
     for name, conversations in splits.items():
-        rows, report.splits[name] = _build_split(conversations, tokenizer, settings)
+        source = settings.eval_dataset_path if name == "eval" and settings.eval_dataset_path else settings.dataset_path
+        rows, report.splits[name] = _build_split(conversations, tokenizer, settings, source)
+        if settings.packing and name == "train":
+            split = report.splits[name]
+            split.packed_rows = packed_row_count([len(ids) for ids in rows["input_ids"]], settings.max_seq_length)
+            split.packing_efficiency = split.total_tokens / max(1, split.packed_rows * settings.max_seq_length)
         if not rows["input_ids"]:
-            source = (
-                settings.eval_dataset_path if name == "eval" and settings.eval_dataset_path else settings.dataset_path
-            )
             raise DatasetError(
                 f"no {name} examples left out of {len(conversations)} records (all dropped):\n{report.format()}",
                 source=source,
@@ -884,10 +970,16 @@ def _validate_settings(settings, tokenizer) -> None:
         raise ValueError("invalid data settings:\n  " + "\n  ".join(problems))
 
 
-def _build_split(conversations, tokenizer, settings) -> tuple[dict[str, list], SplitReport]:
+_DROP_REASONS = {
+    "dropped_too_long": "longer than max_seq_length (truncation_strategy=drop)",
+    "dropped_no_supervised": "no supervised token (an empty answer, or truncation left none)",
+}
+
+
+def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, list], SplitReport]:
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     report = SplitReport(records=len(conversations))
-    for messages in conversations:
+    for index, messages in conversations:
         example, status = _build_example(
             messages,
             tokenizer,
@@ -898,6 +990,7 @@ def _build_split(conversations, tokenizer, settings) -> tuple[dict[str, list], S
         )
         if example is None:
             setattr(report, status, getattr(report, status) + 1)
+            report.dropped.append(f"{source}: record {index}: {status}: {_DROP_REASONS[status]}")
             continue
         report.kept += 1
         report.truncated += int(status == "truncated")
@@ -916,3 +1009,48 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     if not sorted_values:
         return 0
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs (DPO): prompt and completion as separately tokenized segments
+# --------------------------------------------------------------------------------------------
+
+
+def encode_prompt_completion(messages: list[dict], template: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of a conversation whose last turn is the assistant's, for DPO.
+
+    prompt_ids is `encode_prompt(messages[:-1], template, tokenizer)`: every earlier turn plus the
+    template's assistant header, exactly what generation is given. completion_ids is the last
+    assistant turn's supervised segment as `build_sft_example` supervises it (content + turn-end
+    token), tokenized on its own with `add_special_tokens=False`; what the template writes after
+    the turn end ("\\n", phi3's final eos) is left out. The two are never tokenized together, so a
+    prompt ending in "A: " keeps its own ids whether the answer is "46" or "$46".
+
+    Worked example, chatml, [user "2+2?", assistant "4"]:
+        prompt:     <|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n
+        completion: 4<|im_end|>
+
+    Raises ValueError when the last turn is not the assistant's, for template tokens missing from
+    the tokenizer, or when the template renders the prompt alone differently from the text before
+    the answer (a "tokenizer" chat template that does so cannot be split by construction).
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a prompt/completion pair needs a conversation that ends with an assistant turn")
+    check_template_tokens(template, tokenizer)
+    segments = _segments(messages, template, tokenizer, add_generation_prompt=False)
+    last = max(i for i, (_, supervised) in enumerate(segments) if supervised)
+    before = "".join(text for text, _ in segments[:last])
+    prompt = "".join(text for text, _ in _segments(messages[:-1], template, tokenizer, add_generation_prompt=True))
+    if before != prompt:
+        raise ValueError(
+            f"the {template!r} template renders the prompt alone differently from the text before the answer "
+            f"({prompt[-40:]!r} vs {before[-40:]!r}); use one of the hand-written templates"
+        )
+    completion = tokenizer(segments[last][0], add_special_tokens=False)["input_ids"]
+    return encode_prompt(messages[:-1], template, tokenizer), completion
+
+
+def template_bos_length(ids: list[int], template: str, tokenizer: Any) -> int:
+    """1 when `ids` start with a BOS the template wrote (llama3, alpaca's default BOS, a "tokenizer"
+    template using bos_token), else 0: left truncation of a prompt keeps these first ids."""
+    return int(_starts_with_template_bos(ids, template, tokenizer))

@@ -23,6 +23,23 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     follows the setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start
     otherwise), `report_to="none"` (no tracker unless asked), and `max_length=None` because
     examples were already truncated by our documented rule. `overrides` win over everything.
+
+    Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
+    max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer) and its
+    padding-free collator concatenates each batch into one row with `position_ids` restarting at 0
+    per example, no `attention_mask`, and label -100 on each example's first token. With no
+    attention mask and no cache (TRL passes use_cache=False), transformers builds a block-diagonal
+    causal mask from those position ids for sdpa and eager attention (flash attention reads the
+    sequence boundaries instead), so no token sees another example. Eval is not packed
+    (`eval_packing=False`): its batches hold the same examples as without packing, concatenated by
+    the same padding-free collator. tests/test_packing.py checks all of this.
+
+    Worked example, examples a (3 tokens) and b (5 tokens) in one packed row:
+
+        input_ids:    a0    a1  a2  b0    b1  b2  b3  b4
+        position_ids: 0     1   2   0     1   2   3   4      (no attention_mask)
+        labels:       -100  a1  a2  -100  b1  b2  b3  b4     (b0 is never a target of a2)
+        attention:    a* see only a*, b* see only b* (causal within each)
     """
     import torch
 
@@ -52,7 +69,10 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        max_length=None,
+        max_length=settings.max_seq_length if settings.packing else None,
+        packing=settings.packing,
+        packing_strategy="bfd",  # whole examples only; "wrapped" would cut them across rows
+        eval_packing=False,
         report_to="none",
         dataloader_num_workers=0,
     )
@@ -65,6 +85,7 @@ def build_sft_trainer(
     tokenizer,
     datasets: DatasetDict,
     settings: Settings,
+    optimizers=None,
     **config_overrides,
 ) -> SFTTrainer:
     """An `SFTTrainer` over `datasets["train"]` (and `datasets["eval"]` when present).
@@ -73,6 +94,9 @@ def build_sft_trainer(
         model: the model to train (a PeftModel for LoRA/QLoRA; a plain model for full fine-tuning).
         tokenizer: passed as `processing_class`; it is saved with checkpoints.
         datasets: splits with `input_ids` and `labels` columns (lists of int).
+        optimizers: `(optimizer, scheduler)` passed to the trainer as is (either may be None: the
+            trainer builds that one from the settings); None = the trainer's default AdamW and
+            scheduler. Full fine-tuning passes `(techniques.full_finetune.build_optimizer(...), None)`.
     """
     return SFTTrainer(
         model=model,
@@ -80,6 +104,7 @@ def build_sft_trainer(
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"] if "eval" in datasets else None,
         processing_class=tokenizer,
+        optimizers=optimizers or (None, None),
     )
 
 

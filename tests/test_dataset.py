@@ -16,6 +16,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from data.dataset import (
     IGNORE_INDEX,
@@ -30,13 +32,14 @@ from data.dataset import (
     load_messages,
     load_records,
     load_splits,
+    parse_role_map,
     render,
     split_records,
     stop_token_ids,
     to_messages,
     turn_end_token,
 )
-from tests.tiny import make_tokenizer
+from tests.tiny import make_model, make_tokenizer, one_torch_thread
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEMPLATE_FILES = {
@@ -116,6 +119,8 @@ def settings(**overrides):
         seed=0,
         truncation_strategy="truncate_prompt",
         train_on_last_turn_only=False,
+        role_map=[],
+        packing=False,
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -500,6 +505,13 @@ def test_report_counts_truncated_dropped_and_unsupervised(tmp_path):
     table = report.format()
     assert "dropped_too_long" in table and "dropped_no_supervised" in table
     assert re.search(r"^train\s+3\s+1\s+0\s+1\s+1\s", table.splitlines()[2])
+    assert "packing=false" in table and "packed_rows" not in table  # packing columns only with packing
+    assert table.splitlines()[3:] == [
+        f"dropped from train: {path}: record 1: dropped_no_supervised: "
+        "no supervised token (an empty answer, or truncation left none)",
+        f"dropped from train: {path}: record 2: dropped_too_long: "
+        "longer than max_seq_length (truncation_strategy=drop)",
+    ]
 
 
 def test_split_left_empty_raises(tmp_path):
@@ -508,6 +520,245 @@ def test_split_left_empty_raises(tmp_path):
         build_sft_dataset(
             settings(dataset_path=str(path), prompt_template="llama3", max_seq_length=1), make_tokenizer("llama3")
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Fault kinds, each over every template (alpaca, chatml, phi3, llama3, tokenizer)
+# --------------------------------------------------------------------------------------------
+
+# (tokenizer family, template); "tokenizer" runs each family's official chat template
+EVERY_TEMPLATE = [
+    ("chatml", "alpaca"),
+    ("llama3", "alpaca"),
+    ("chatml", "chatml"),
+    ("phi3", "phi3"),
+    ("llama3", "llama3"),
+    ("chatml", "tokenizer"),
+    ("phi3", "tokenizer"),
+    ("llama3", "tokenizer"),
+]
+ONE_PER_TEMPLATE = [
+    ("chatml", "alpaca"), ("chatml", "chatml"), ("phi3", "phi3"), ("llama3", "llama3"), ("llama3", "tokenizer")
+]
+
+
+def tokenizer_for(family: str, template: str):
+    return official_tokenizer(family) if template == "tokenizer" else make_tokenizer(family)
+
+
+def end_token(tokenizer, family: str, template: str) -> str:
+    return tokenizer.eos_token if template == "alpaca" else TURN_END[family]
+
+
+def as_rendered(family: str, template: str, content: str) -> str:
+    return content.strip() if family == "llama3" and template != "alpaca" else content  # llama3 trims
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_pad_equal_eos_keeps_the_end_token_label_in_a_collated_batch(family, template):
+    """Fault 1 (EOS never learned): collated by TRL's collator, with pad == eos, only padding is -100."""
+    tokenizer = tokenizer_for(family, template)
+    tokenizer.pad_token = tokenizer.eos_token  # the pitfall: the pad id is also a real token in the text
+    end_id = tokenizer.convert_tokens_to_ids(end_token(tokenizer, family, template))
+    examples = [build_sft_example(CONVERSATIONS[n], tokenizer, template, 4096) for n in ("single", "system")]
+    assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"])
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    width = batch["input_ids"].shape[1]
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        labels = batch["labels"][row].tolist()
+        assert labels[:n] == example["labels"]  # the real tokens keep their labels, the end token included
+        assert labels[n:] == [IGNORE_INDEX] * (width - n)  # padding, and only padding, is -100
+        assert batch["input_ids"][row, n:].tolist() == [tokenizer.pad_token_id] * (width - n)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert supervised_runs(example)[-1][-1] == end_id and end_id in labels
+
+
+def test_the_trainer_collates_with_trls_collator_and_keeps_eos_labels(tmp_path):
+    """Fault 1: the collator the SFT trainer really uses (tiny model, pad == eos like SmolLM2)."""
+    from config import get_settings
+    from models import load_model, load_tokenizer
+    from techniques.sft import build_sft_trainer
+    from tests.tiny_model import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "output": "Hello there."}, alpaca_records(1)[0]])
+    config = get_settings(
+        ["--base_model_name", str(model_dir), "--dataset_path", str(path), "--eval_split_size", "0",
+         "--mixed_precision", "no", "--output_dir", str(tmp_path / "out"), "--prompt_template", "chatml"],
+        env_file=None,
+    )
+    tokenizer = load_tokenizer(config, model_dir)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    data = build_sft_dataset(config, tokenizer)
+    trainer = build_sft_trainer(load_model(config, model_dir), tokenizer, data, config)
+    assert type(trainer.data_collator) is DataCollatorForLanguageModeling and not trainer.data_collator.padding_free
+    batch = trainer.data_collator([data["train"][0], data["train"][1]])
+    for row, example in enumerate(data["train"]):
+        n = len(example["input_ids"])
+        assert batch["labels"][row, :n].tolist() == example["labels"]
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert tokenizer.decode(supervised_runs(example)[-1]).endswith("<|im_end|>")
+
+
+@pytest.mark.parametrize("family, template", ONE_PER_TEMPLATE)
+def test_toy_trained_model_stops_right_after_the_answer(family, template):
+    """Fault 1, end to end: learn one short example (pad == eos), then greedy decoding stops after it."""
+    tokenizer = tokenizer_for(family, template)
+    tokenizer.pad_token = tokenizer.eos_token
+    messages = [user("Hello!"), assistant("I am fine.")]
+    examples = [
+        build_sft_example(messages, tokenizer, template, 256),
+        build_sft_example([user("Hi"), assistant("Yo")], tokenizer, template, 256),  # shorter: the first is padded
+    ]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    model = make_model(tokenizer).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    prompt = encode_prompt(messages[:-1], template, tokenizer)
+    with one_torch_thread():
+        for _ in range(40):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        out = model.eval().generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stop_token_ids(template, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert tokenizer.decode(out[0, len(prompt) :]) == "I am fine." + end_token(tokenizer, family, template)
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_answer_boundary_is_known_by_construction(family, template):
+    """Fault 2 (response found by searching ids): the supervised ids are the completion's own ids."""
+    tokenizer = tokenizer_for(family, template)
+    example = build_sft_example([user("What is two plus two? Answer: "), assistant("four")], tokenizer, template, 256)
+    end = end_token(tokenizer, family, template)
+    four = tokenizer.encode("four", add_special_tokens=False)
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    assert supervised_runs(example) == [four + [end_id]]
+    assert tokenizer.decode(supervised_runs(example)[0]) == "four" + end
+    # an echo: the user turn holds the same ids as the answer ("four" + turn end in chat templates),
+    # so a search for the answer's ids would find the user turn first; only the answer is supervised
+    echo = build_sft_example([user("four"), assistant("four")], tokenizer, template, 256)
+    last_end = len(echo["input_ids"]) - 1 - echo["input_ids"][::-1].index(end_id)
+    answer_at = list(range(last_end - len(four), last_end + 1))
+    assert [i for i, label in enumerate(echo["labels"]) if label != IGNORE_INDEX] == answer_at
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_at_most_one_bos_and_only_where_the_template_has_one(family, template, name):
+    """Fault 3 (double BOS): exactly the BOS the template writes (alpaca: the tokenizer's default)."""
+    tokenizer = tokenizer_for(family, template)
+    messages = CONVERSATIONS[name]
+    ids = build_sft_example(messages, tokenizer, template, 4096)["input_ids"]
+    bos = tokenizer.bos_token_id
+    adds_bos = tokenizer("a")["input_ids"][0] == bos
+    expected = render(messages, template, tokenizer).count(tokenizer.bos_token) + int(template == "alpaca" and adds_bos)
+    assert ids.count(bos) == expected
+    assert ids[:2] != [bos, bos]
+    if family != "chatml":  # chatml's "bos" <|im_start|> opens every turn; elsewhere a BOS is a BOS
+        writes_bos = template == "llama3" or (family, template) == ("llama3", "tokenizer")
+        assert expected == int(writes_bos or (template == "alpaca" and adds_bos))
+        assert bos not in ids[1:]
+    if template == "tokenizer":
+        assert ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_supervised_spans_end_with_the_turn_end_and_generation_config_lists_every_stop_id(
+    family, template, tmp_path
+):
+    """Fault 4 (wrong stop token): llama3 ends turns with <|eot_id|>, phi3 with <|end|>; both stop ids saved."""
+    import sys
+
+    from transformers import GenerationConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import finetune_llm_lora
+
+    tokenizer = tokenizer_for(family, template)
+    end_id = tokenizer.convert_tokens_to_ids(end_token(tokenizer, family, template))
+    example = build_sft_example(CONVERSATIONS["multi_turn"], tokenizer, template, 4096)
+    assert [run[-1] for run in supervised_runs(example)] == [end_id, end_id]
+    expected = list(dict.fromkeys([tokenizer.eos_token_id, end_id]))
+    assert len(expected) == (1 if template == "alpaca" or family == "chatml" else 2)
+    assert stop_token_ids(template, tokenizer) == expected
+    finetune_llm_lora.save_generation_config(tokenizer, SimpleNamespace(prompt_template=template), tmp_path)
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == expected
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_every_assistant_turn_is_supervised_and_nothing_else(family, template):
+    """Fault 5 (multi-turn masking): system / user / assistant / user / assistant."""
+    tokenizer = tokenizer_for(family, template)
+    messages = CONVERSATIONS["multi_turn"]
+    end = end_token(tokenizer, family, template)
+    answers = [as_rendered(family, template, m["content"]) + end for m in messages if m["role"] == "assistant"]
+    example = build_sft_example(messages, tokenizer, template, 4096)
+    assert [tokenizer.decode(run) for run in supervised_runs(example)] == answers
+    last_only = build_sft_example(messages, tokenizer, template, 4096, train_on_last_turn_only=True)
+    assert [tokenizer.decode(run) for run in supervised_runs(last_only)] == answers[-1:]
+    assert last_only["input_ids"] == example["input_ids"]
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_sharegpt_keeps_every_turn_with_roles_from_from(family, template):
+    """Fault 6 (ShareGPT drops turns): the system turn and every turn survive into the ids."""
+    record = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "What is two plus two?"},
+            {"from": "gpt", "value": "The answer is 4."},
+            {"from": "human", "value": "Tell me a joke."},
+            {"from": "gpt", "value": "Cats and dogs."},
+        ]
+    }
+    messages = to_messages(record)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages] == [turn["value"] for turn in record["conversations"]]
+    tokenizer = tokenizer_for(family, template)
+    example = build_sft_example(messages, tokenizer, template, 4096)
+    text = tokenizer.decode(example["input_ids"])
+    assert all(turn["value"] in text for turn in record["conversations"])
+    end = end_token(tokenizer, family, template)
+    assert [tokenizer.decode(r) for r in supervised_runs(example)] == ["The answer is 4." + end, "Cats and dogs." + end]
+
+
+@pytest.mark.parametrize("family, template", EVERY_TEMPLATE)
+def test_truncation_keeps_the_answer_on_every_template(family, template, tmp_path):
+    """Fault 7 (truncation loses the answer): the prompt is cut from the left; the answer stays whole."""
+    tokenizer = tokenizer_for(family, template)
+    messages = [system("Be brief."), user("Tell me a joke about cats and dogs. " * 6), assistant("The answer is 4.")]
+    full = build_sft_example(messages, tokenizer, template, 4096)
+    n = len(full["input_ids"]) - 12
+    cut = build_sft_example(messages, tokenizer, template, n)
+    assert len(cut["input_ids"]) == n and supervised_runs(cut) == supervised_runs(full)
+    answer_start = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    assert cut["input_ids"][answer_start - len(full["input_ids"]) :] == full["input_ids"][answer_start:]
+    if full["input_ids"][0] == tokenizer.bos_token_id and family != "chatml":
+        assert cut["input_ids"][0] == tokenizer.bos_token_id and cut["input_ids"].count(tokenizer.bos_token_id) == 1
+    assert build_sft_example(messages, tokenizer, template, n, truncation_strategy="drop") is None
+
+    # in the builder, no example without a supervised token ever reaches training; drops are named
+    records = [{"instruction": "Tell me a joke. " * 6, "output": "No."}, {"instruction": "Hi", "output": ""}]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    for strategy, max_length in (("truncate_prompt", 4), ("drop", 12)):
+        config = settings(dataset_path=str(path), prompt_template=template, max_seq_length=max_length,
+                          truncation_strategy=strategy)
+        try:
+            data, report = build_sft_dataset_with_report(config, tokenizer)
+        except DatasetError as err:  # every record dropped: the error carries the report
+            assert "no train examples left" in str(err) and "record 0" in str(err) and "record 1" in str(err)
+            continue
+        train = report.splits["train"]
+        assert train.kept + len(train.dropped) == 2 == train.kept + train.dropped_too_long + train.dropped_no_supervised
+        assert all(any(label != IGNORE_INDEX for label in row) for row in data["train"]["labels"])
+        assert all(re.match(rf"{re.escape(str(path))}: record [01]: dropped_", line) for line in train.dropped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,6 +916,54 @@ def test_to_messages_rejects_unknown_format_and_non_objects():
         to_messages({"instruction": "a", "output": "b"}, "openai")
     with pytest.raises(DatasetError, match="f.json: record 4: expected a JSON object"):
         to_messages(["a"], source="f.json", index=4)
+
+
+GLAIVE_LIKE = {  # a function-calling record in ShareGPT form (roles as LLaMA-Factory's glaive demo uses them)
+    "conversations": [
+        {"from": "system", "value": "You can call get_time()."},
+        {"from": "human", "value": "What time is it?"},
+        {"from": "function_call", "value": '{"name": "get_time"}'},
+        {"from": "observation", "value": '{"time": "12:00"}'},
+        {"from": "gpt", "value": "It is noon."},
+    ]
+}
+
+
+def test_unknown_role_error_names_the_role_the_record_and_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "calls.jsonl", [CHAT_RECORDS[0], GLAIVE_LIKE])
+    with pytest.raises(DatasetError) as info:
+        load_messages(path)
+    assert (info.value.index, info.value.field) == (1, "conversations[2].from")
+    assert "record 1" in str(info.value) and "unknown role 'function_call'" in str(info.value)
+    assert "role_map" in str(info.value)
+
+
+def test_role_map_maps_extra_roles_and_keeps_every_turn(tmp_path):
+    role_map = parse_role_map(["function_call:assistant", "observation:user"])
+    messages = to_messages(GLAIVE_LIKE, role_map=role_map)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages] == [t["value"] for t in GLAIVE_LIKE["conversations"]]
+    tool = {"messages": [user("a"), assistant("call"), {"role": "tool", "content": "42"}, assistant("b")]}
+    assert to_messages(tool, role_map={"tool": "user"})[2] == user("42")
+    # through the settings, for every split
+    path = write_jsonl(tmp_path / "calls.jsonl", [GLAIVE_LIKE])
+    config = settings(dataset_path=str(path), role_map=["function_call:assistant", "observation:user"])
+    assert load_splits(config)["train"] == [messages]
+    # consecutive same-role turns after mapping follow the documented rule: rejected, never merged or dropped
+    with pytest.raises(DatasetError, match=r"record 0: field 'conversations\[3\]\.from': two consecutive 'assistant'"):
+        load_messages(path, role_map={"function_call": "assistant", "observation": "assistant"})
+    with pytest.raises(ValueError, match="role_map entry 'tool:bot'"):
+        parse_role_map(["tool:bot"])
+
+
+def test_sharegpt_roles_come_from_the_from_field_not_positions():
+    # a positional reader would call these user / assistant / user and accept them
+    record = {"conversations": [{"from": f, "value": v} for f, v in (("gpt", "a"), ("human", "b"), ("gpt", "c"))]}
+    with pytest.raises(DatasetError, match="must start with a user turn"):
+        to_messages(record)
+    record = {"conversations": [{"from": f, "value": v} for f, v in (("human", "a"), ("system", "s"), ("gpt", "c"))]}
+    with pytest.raises(DatasetError, match="system turn is only allowed as the first"):
+        to_messages(record)
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,3 +1132,50 @@ def test_real_alpaca_file_with_alpaca_template():
         prompt = prompt_input if record["input"] != "" else prompt_no_input
         text = render(to_messages(record), "alpaca", tokenizer)
         assert text == prompt.format_map(record) + record["output"] + "<|end_of_text|>"
+
+
+REAL_FILES = [
+    ("datasets/llamafactory/alpaca_en_demo.json", 999),
+    ("datasets/axolotl/conversation.sharegpt.json", 1),
+    ("datasets/llamafactory/kto_en_demo.json", 300),
+]
+
+
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    """The default model's tokenizer (SmolLM2-135M-Instruct; offline copy when the hub is unreachable)."""
+    from config import get_settings
+    from models import load_tokenizer
+
+    return load_tokenizer(get_settings([], env_file=None))
+
+
+@pytest.mark.slow  # loads the default model's tokenizer (~3 s) and builds 1300 records twice
+@pytest.mark.parametrize("template", ["alpaca", "tokenizer"])
+@pytest.mark.parametrize("relative, records", REAL_FILES)
+def test_real_files_with_the_default_tokenizer_build_or_are_reported(relative, records, template, default_tokenizer):
+    path = shared_file(relative)
+    config = settings(dataset_path=str(path), prompt_template=template, max_seq_length=512)
+    data, report = build_sft_dataset_with_report(config, default_tokenizer)
+    train = report.splits["train"]
+    assert train.records == records == train.kept + len(train.dropped)
+    assert all(line.startswith(f"{path}: record ") for line in train.dropped)  # each drop named with its reason
+    assert all(any(label != IGNORE_INDEX for label in labels) for labels in data["train"]["labels"])
+    assert train.length_max <= 512 and 0 < train.supervised_tokens < train.total_tokens
+    # alpaca ends answers with eos, SmolLM2's template with <|im_end|>: the same token. Only an answer
+    # longer than max_seq_length on its own loses its end (the documented truncation rule).
+    rows = data["train"].select(range(min(50, train.kept)))
+    whole = [row for row in rows if len(row["input_ids"]) < 512]
+    assert all(default_tokenizer.decode(supervised_runs(row)[-1]).endswith("<|im_end|>") for row in whole)
+    assert re.search(rf"^train\s+{records}\s+{train.kept}\s+{train.truncated}\s", report.format().splitlines()[2])
+
+
+def test_real_file_report_with_packing_shows_efficiency():
+    path = shared_file("datasets/llamafactory/alpaca_en_demo.json")
+    config = settings(dataset_path=str(path), max_seq_length=512, packing=True)
+    _, report = build_sft_dataset_with_report(config, make_tokenizer("chatml"))
+    train = report.splits["train"]
+    assert train.kept == 999 and 0 < train.packed_rows < train.kept
+    assert train.packing_efficiency == pytest.approx(train.total_tokens / (train.packed_rows * 512))
+    assert train.packing_efficiency > 0.9  # best-fit decreasing fills rows well on this length mix
+    assert "packing_efficiency" in report.format()

@@ -12,10 +12,14 @@ Families and their special tokens (ids in this order, from 0):
 - "llama3": <|begin_of_text|> (bos), <|end_of_text|> (eos), <|start_header_id|>,
             <|end_header_id|>, <|eot_id|>. Adds <|begin_of_text|> by default, like Llama 3.
 - "plain":  <s> (bos), </s> (eos); no chat tokens (for "template tokens missing" tests).
+
+`make_model(tokenizer)` returns a tiny random Llama (2 layers, 32 wide) sized to a tokenizer, for
+tests that run, pack or toy-train a model without any files.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -103,3 +107,42 @@ def make_tokenizer(family: str, vocab_size: int = 500) -> PreTrainedTokenizerFas
         eos_token=spec["eos_token"],
         pad_token=spec["pad_token"],
     )
+
+
+def make_model(tokenizer, attn_implementation: str = "sdpa", seed: int = 0):
+    """A tiny random `LlamaForCausalLM` (fp32, eval mode) over `tokenizer`'s vocabulary, with its
+    bos/eos/pad ids; seeded without touching the global RNG state."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        attn_implementation=attn_implementation,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+@contextmanager
+def one_torch_thread():
+    """Run tiny-model math on one thread: on a busy 2-core machine thread hand-offs cost more than the
+    math itself (a 40-step toy training run takes ~0.3 s on one thread, 1-15 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
