@@ -20,7 +20,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from config import QLoraSettings, Settings
 from models import load_model
-from techniques.lora import apply_lora, merge_and_save_lora
+from techniques.lora import _base_layer, _check_output_dir, _merge_check_save, _probe_logits, apply_lora
 
 log = logging.getLogger(__name__)
 
@@ -109,31 +109,92 @@ def merge_and_save_qlora(
     settings: Settings,
     tokenizer=None,
     dtype: torch.dtype = torch.float32,
+    *,
+    onto: str = "dequantized",
+    template: str | None = None,
+    stop_ids: list[int] | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> float:
     """Merge a QLoRA adapter into a 16/32-bit copy of the base and save a plain model folder.
 
     Never merges into 4-bit weights (rounding the delta to 4 bit would destroy it). The base is
-    reloaded in `dtype` and each quantized linear weight is replaced by `dequant(Q(W))`, the
-    exact weights the adapter was trained against; the merged weight is then
-    `dequant(Q(W)) + scale * B @ A`, so the merged model reproduces the live QLoRA model's logits
-    (checked; see `merge_and_save_lora`). Merging onto the original full-precision W instead adds
-    the delta to weights the adapter never saw: the result differs from the trained model by the
-    quantization error W - dequant(Q(W)), which for NF4 is roughly 1e-2 relative per weight.
+    reloaded in `dtype` (from `settings`) and the adapter added to it in one of two ways:
 
-    Returns the max |logit difference| against the live QLoRA model; raises like
-    `merge_and_save_lora`.
+    - `onto="dequantized"` (default, exact): each quantized linear weight is replaced by
+      `dequant(Q(W))`, the weights the adapter was trained against, so the merged weight is
+      `dequant(Q(W)) + scale * B @ A` and the merged model reproduces the live QLoRA model's
+      logits (checked against it, tolerance as in `merge_and_save_lora`). The unquantized parts
+      (embeddings, norms, head) are copied from the QLoRA model as trained (in its compute dtype).
+    - `onto="original"`: `W + scale * B @ A` on the original full-precision weights, as if the
+      adapter had been trained with LoRA. The adapter never saw W: the result differs from the
+      trained model by the quantization error W - dequant(Q(W)) of every layer (for NF4 roughly
+      1e-2 relative per weight), and its logits can drift from the trained model's by 0.1 or
+      more. It keeps the base's full-precision detail; check its quality before shipping it. The
+      save is checked against the full-precision base + adapter; the difference to the live
+      QLoRA model is logged.
+
+    Other keyword arguments as in `merge_and_save_lora`. Returns the max |logit difference|
+    against the model the folder reproduces (the live QLoRA model for "dequantized").
+    Raises like `merge_and_save_lora`; ValueError for an unknown `onto`.
     """
+    if onto not in ("dequantized", "original"):
+        raise ValueError(f"onto={onto!r}: expected 'dequantized' (exact) or 'original'")
+    output_dir = _check_output_dir(output_dir)
+    live = _probe_logits(peft_model)
     base = load_model(settings, dtype=dtype)
+    base_rows = base.get_input_embeddings().num_embeddings
+    live_rows = _base_layer(peft_model.get_input_embeddings()).weight.shape[0]
+    if live_rows > base_rows:  # training added tokens
+        base.resize_token_embeddings(live_rows, mean_resizing=False)
     exact = dequantized_state(peft_model)
-    # PEFT names the quantized layer `...q_proj.base_layer`; the plain base calls it `...q_proj`.
-    prefix = "base_model.model."
-    remapped = {k.removeprefix(prefix).replace(".base_layer.", "."): v.to(dtype) for k, v in exact.items()}
-    missing = base.load_state_dict(remapped, strict=False).unexpected_keys
-    if missing:
-        raise RuntimeError(f"dequantized weights with no home in the base model: {missing[:5]}")
+    if onto == "dequantized":
+        state = {_plain_name(k): v for k, v in exact.items()}
+        state.update(_unquantized_weights(peft_model))  # embeddings, norms, head as trained
+        missing = _copy_weights(base, state)
+        if missing:
+            raise RuntimeError(f"weights of the QLoRA model with no home in the base model: {missing[:5]}")
+    elif live_rows > base_rows:
+        _copy_added_rows(peft_model, base, base_rows)
     config = peft_model.peft_config[peft_model.active_adapter]
     full = PeftModel(base, config)
     set_peft_model_state_dict(full, get_peft_model_state_dict(peft_model))
     full.to(dtype)
-    log.info("QLoRA merge: adding the adapter to dequant(Q(W)) of %d quantized layers (%s)", len(exact), dtype)
-    return merge_and_save_lora(full, output_dir, tokenizer=tokenizer, dtype=dtype)
+    expected = live
+    if onto == "original":
+        expected = _probe_logits(full)
+        log.info("QLoRA merge onto the original weights: max |logit diff| vs the trained QLoRA model %.3g",
+                 (expected - live).abs().max().item())
+    log.info("QLoRA merge: adding the adapter to %s of %d quantized layers (%s)",
+             "dequant(Q(W))" if onto == "dequantized" else "the original W", len(exact), dtype)
+    return _merge_check_save(full, output_dir, expected, tokenizer, dtype, template, stop_ids, adapter_dir)
+
+
+def _plain_name(peft_name: str) -> str:
+    """`base_model.model.x.q_proj.base_layer.weight` -> `x.q_proj.weight`, the plain base's name."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _unquantized_weights(qlora_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The 4-bit model's own unquantized weights (embeddings, norms, head) by plain name; adapter
+    weights (LoRA, modules_to_save copies) are PEFT's to load."""
+    return {_plain_name(name): param.detach() for name, param in qlora_model.named_parameters()
+            if param.__class__.__name__ != "Params4bit" and "lora_" not in name and ".modules_to_save." not in name}
+
+
+def _copy_weights(base: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy each tensor into the base parameter of that name; returns the names with no home."""
+    params = dict(base.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params:
+                params[name].copy_(value.to(params[name].dtype))
+    return [name for name in state if name not in params]
+
+
+def _copy_added_rows(qlora_model: PeftModel, base: PreTrainedModel, first_row: int) -> None:
+    """Embedding (and head) rows from `first_row` on: the added tokens a fresh base lacks."""
+    source = qlora_model.get_base_model()
+    with torch.no_grad():
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            target = getattr(base, get)().weight
+            target[first_row:].copy_(_base_layer(getattr(source, get)()).weight[first_row:].to(target.dtype))
