@@ -67,7 +67,7 @@ from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from config import Settings, resolve_precision
+from config import Settings
 from data.dataset import (
     DatasetError,
     encode_prompt_completion,
@@ -79,6 +79,7 @@ from data.dataset import (
 from models import load_model
 from techniques.lora import apply_lora
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
+from techniques.sft import trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -359,43 +360,15 @@ def loss_types_and_weights(settings: Settings) -> tuple[list[str], list[float]]:
 
 
 def dpo_config(settings: Settings, **overrides) -> DPOConfig:
-    """TRL `DPOConfig` from the training and dpo settings.
+    """TRL `DPOConfig`: `techniques.sft.trainer_arguments` (precision, checkpointing, CPU, schedule)
+    plus the dpo settings; `overrides` win over everything.
 
-    Set explicitly because TRL's defaults would surprise: bf16 (TRL: True) follows
-    `resolve_precision`, gradient checkpointing (TRL: True) and the learning rate (TRL: 1e-6)
-    follow the settings, `use_cpu` on a machine without CUDA, `report_to="none"`, `max_length=None`
-    (pairs arrive truncated by `truncate_pair`), and `disable_dropout=True` (see the module doc).
-    `overrides` win over everything.
+    `max_length=None` because pairs arrive truncated by `truncate_pair`, and `disable_dropout=True`
+    (see the module doc); the learning rate is ours, not TRL's 1e-6 default.
     """
-    precision = resolve_precision(settings)
     loss_type, loss_weights = loss_types_and_weights(settings)
-    eval_steps = settings.eval_steps or None
-    args = dict(
-        output_dir=settings.output_dir,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        warmup_steps=settings.warmup_steps,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        logging_steps=settings.logging_steps,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or 500,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        dataloader_num_workers=0,
+    args = trainer_arguments(settings)
+    args.update(
         max_length=None,
         beta=settings.beta,
         loss_type=loss_type,

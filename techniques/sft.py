@@ -15,37 +15,19 @@ from trl import SFTConfig, SFTTrainer
 from config import Settings, resolve_precision
 
 
-def sft_config(settings: Settings, **overrides) -> SFTConfig:
-    """TRL `SFTConfig` from the training settings.
+def trainer_arguments(settings: Settings) -> dict:
+    """`TrainingArguments` keywords shared by every trainer here (SFT, DPO), from the settings.
 
-    TRL's defaults that would surprise here are set explicitly: `bf16` (TRL defaults to True)
-    follows `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True)
-    follows the setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start
-    otherwise), `report_to="none"` (no tracker unless asked), and `max_length=None` because
-    examples were already truncated by our documented rule. `overrides` win over everything.
-
-    Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
-    max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer) and its
-    padding-free collator concatenates each batch into one row with `position_ids` restarting at 0
-    per example, no `attention_mask`, and label -100 on each example's first token. With no
-    attention mask and no cache (TRL passes use_cache=False), transformers builds a block-diagonal
-    causal mask from those position ids for sdpa and eager attention (flash attention reads the
-    sequence boundaries instead), so no token sees another example. Eval is not packed
-    (`eval_packing=False`): its batches hold the same examples as without packing, concatenated by
-    the same padding-free collator. tests/test_packing.py checks all of this.
-
-    Worked example, examples a (3 tokens) and b (5 tokens) in one packed row:
-
-        input_ids:    a0    a1  a2  b0    b1  b2  b3  b4
-        position_ids: 0     1   2   0     1   2   3   4      (no attention_mask)
-        labels:       -100  a1  a2  -100  b1  b2  b3  b4     (b0 is never a target of a2)
-        attention:    a* see only a*, b* see only b* (causal within each)
+    TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
+    `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True) follows the
+    setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start otherwise), and
+    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save).
     """
     import torch
 
     precision = resolve_precision(settings)
     eval_steps = settings.eval_steps or None
-    args = dict(
+    return dict(
         output_dir=settings.output_dir,
         num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps,
@@ -69,12 +51,40 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def sft_config(settings: Settings, **overrides) -> SFTConfig:
+    """TRL `SFTConfig`: `trainer_arguments` plus SFT's own keywords; `overrides` win over everything.
+
+    `max_length=None` without packing because examples were already truncated by our documented
+    rule (`data.dataset.build_sft_example`).
+
+    Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
+    max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer) and its
+    padding-free collator concatenates each batch into one row with `position_ids` restarting at 0
+    per example, no `attention_mask`, and label -100 on each example's first token. With no
+    attention mask and no cache (TRL passes use_cache=False), transformers builds a block-diagonal
+    causal mask from those position ids for sdpa and eager attention (flash attention reads the
+    sequence boundaries instead), so no token sees another example. Eval is not packed
+    (`eval_packing=False`): its batches hold the same examples as without packing, concatenated by
+    the same padding-free collator. tests/test_packing.py checks all of this.
+
+    Worked example, examples a (3 tokens) and b (5 tokens) in one packed row:
+
+        input_ids:    a0    a1  a2  b0    b1  b2  b3  b4
+        position_ids: 0     1   2   0     1   2   3   4      (no attention_mask)
+        labels:       -100  a1  a2  -100  b1  b2  b3  b4     (b0 is never a target of a2)
+        attention:    a* see only a*, b* see only b* (causal within each)
+    """
+    args = trainer_arguments(settings)
+    args.update(
         max_length=settings.max_seq_length if settings.packing else None,
         packing=settings.packing,
         packing_strategy="bfd",  # whole examples only; "wrapped" would cut them across rows
         eval_packing=False,
-        report_to="none",
-        dataloader_num_workers=0,
     )
     args.update(overrides)
     return SFTConfig(**args)
