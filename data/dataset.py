@@ -1054,3 +1054,61 @@ def template_bos_length(ids: list[int], template: str, tokenizer: Any) -> int:
     """1 when `ids` start with a BOS the template wrote (llama3, alpaca's default BOS, a "tokenizer"
     template using bos_token), else 0: left truncation of a prompt keeps these first ids."""
     return int(_starts_with_template_bos(ids, template, tokenizer))
+
+
+# --------------------------------------------------------------------------------------------
+# Chat templates to save with a trained model
+# --------------------------------------------------------------------------------------------
+
+# Our own Jinja equivalents of the renderers above (written for this project; the official
+# template files are only used by tests to pin byte parity). Saved as `tokenizer.chat_template`
+# next to a trained model, so servers that render with the tokenizer (vLLM, TGI, llama.cpp
+# converters) format prompts the way the model was trained. Each is tested to equal `render`.
+_CHAT_TEMPLATES = {
+    "alpaca": (
+        "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}"
+        "{%- set ns = namespace(started=false) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set instruction = m['instruction'] if m['instruction'] is defined else m['content'] -%}"
+        "{%- set input = m['input'] if m['input'] is defined else '' -%}"
+        "{%- if ns.started -%}{{ '\\n\\n' }}"
+        "{%- elif system is not none -%}{{ system + '\\n\\n' }}"
+        "{%- elif input -%}{{ '" + ALPACA_PREAMBLE_INPUT + "\\n\\n' }}"
+        "{%- else -%}{{ '" + ALPACA_PREAMBLE_NO_INPUT + "\\n\\n' }}{%- endif -%}"
+        "{{ '### Instruction:\\n' + instruction + '\\n\\n' }}"
+        "{%- if input -%}{{ '### Input:\\n' + input + '\\n\\n' }}{%- endif -%}"
+        "{{ '### Response:' }}{%- set ns.started = true -%}"
+        "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "chatml": (
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+    "phi3": (
+        "{%- for m in messages -%}{%- if m['role'] in ['system', 'user', 'assistant'] -%}"
+        "{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- else -%}{{ eos_token }}{%- endif -%}"
+    ),
+    "llama3": (
+        "{%- for m in messages -%}{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    ),
+}
+
+
+def chat_template_for(template: str, tokenizer: Any) -> str | None:
+    """The Jinja chat template that renders like `render(..., template)`, to save with a model.
+
+    Returns the tokenizer's own template for "tokenizer" (None when it has none). Alpaca's
+    generation prompt is part of each user turn, so `add_generation_prompt` changes nothing there,
+    as in `render`. Raises ValueError for an unknown template.
+    """
+    if template == "tokenizer":
+        return tokenizer.chat_template
+    if template not in _CHAT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
+    return _CHAT_TEMPLATES[template]

@@ -26,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: repo modules first
 
 from accelerate.utils import is_peft_model  # noqa: E402
-from transformers import GenerationConfig, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
-from data.dataset import stop_token_ids  # noqa: E402
+from data.dataset import chat_template_for  # noqa: E402
+from finetune_llm_lora import save_generation_config  # noqa: E402
 from models import load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.dpo import (  # noqa: E402
     build_dpo_trainer,
@@ -74,15 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings.
     final_dir = Path(settings.output_dir) / "final"
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
     if trainer.is_world_process_zero():
         if is_peft_model(trainer.model):
             trainer.model.save_pretrained(final_dir, selected_adapters=["default"])
             tokenizer.save_pretrained(final_dir)
         else:
             trainer.save_model(str(final_dir))
-        stops = stop_token_ids(settings.prompt_template, tokenizer)
-        GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id).save_pretrained(final_dir)
+        save_generation_config(tokenizer, settings, final_dir)
         save_settings(settings, final_dir / "run_settings.json")
     summary = {
         "train_pairs": len(splits["train"]), "eval_pairs": len(eval_split) if eval_split is not None else 0,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from transformers import GenerationConfig, set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
-from data.dataset import build_sft_dataset_with_report, held_out_prompt, load_splits, stop_token_ids  # noqa: E402
+from data.dataset import build_sft_dataset_with_report, chat_template_for, held_out_prompt, load_splits, stop_token_ids  # noqa: E402
 from inference import generate_replies  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.lora import apply_lora, count_parameters  # noqa: E402
@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     after = measure(trainer, tokenizer, held_out, settings)
     print_measurement("after training", after, held_out)
 
-    # 6. Save adapter + tokenizer + generation config (every stop id) + settings (no secrets).
+    # 6. Save adapter + tokenizer (its chat template = the training template, so servers prompt
+    #    the way the model learned) + generation config (every stop id) + settings (no secrets).
     final_dir = Path(settings.output_dir) / "final"
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         save_generation_config(tokenizer, settings, final_dir)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
-from data.dataset import build_sft_dataset_with_report  # noqa: E402
+from data.dataset import build_sft_dataset_with_report, chat_template_for  # noqa: E402
 from finetune_llm_lora import held_out_prompts, measure, print_measurement, save_generation_config  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
     final_dir = Path(settings.output_dir) / "final-full"
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         save_generation_config(tokenizer, settings, final_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from config import Settings
 
@@ -32,6 +32,8 @@ def check_saved_run(final_dir: Path, base_dir, expected_stop_ids):
     assert "hf_token" not in saved and saved["learning_rate"] == 1e-3
     assert "SHOULD_NOT_LEAK" not in "".join(p.read_text(errors="ignore") for p in final_dir.rglob("*") if p.is_file())
     assert GenerationConfig.from_pretrained(final_dir).eos_token_id == expected_stop_ids
+    chat = AutoTokenizer.from_pretrained(final_dir).apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert chat.startswith("Below is an instruction that describes a task.")  # trained as alpaca, served as alpaca
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final_dir)
     assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())
 
