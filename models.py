@@ -69,7 +69,9 @@ OFFLINE_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized"
 
 #: Written last into every folder this module builds; a folder without it is unfinished.
 MARKER_FILE = "ft_kit_build.json"
-_MARKER_FORMAT = 1
+# Bump when the conversion changes what it writes, so older cache folders are rebuilt. 2: SmolLM2's
+# digit-splitting pre-tokenizer restored (format-1 copies tokenize runs of spaces and digits differently).
+_MARKER_FORMAT = 2
 _PARTIAL_TAG = ".partial-"
 
 # Files a causal LM needs from a Hub repo (top level only: `ignore_patterns` drops sub-folders

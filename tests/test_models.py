@@ -246,6 +246,21 @@ def test_changed_gguf_file_is_converted_again(tiny_gguf, cache_dir):
     assert first != second and Path(second).is_dir()
 
 
+def test_cache_built_by_an_older_conversion_is_rebuilt(tiny_gguf, cache_dir):
+    """A folder whose marker has an older format (e.g. written before SmolLM2's digit-splitting
+    pre-tokenizer was restored) is converted again, never reused with a stale tokenizer."""
+    _, gguf_file = tiny_gguf
+    s = make_settings(gguf_file, cache_dir)
+    folder = Path(models.resolve_model_path(s))
+    marker = folder / models.MARKER_FILE
+    info = json.loads(marker.read_text())
+    assert info["format"] == 2
+    marker.write_text(json.dumps({**info, "format": 1, "note": "old"}))
+    assert not models._is_complete_build(folder)
+    assert models.resolve_model_path(s) == str(folder)
+    assert json.loads(marker.read_text())["format"] == 2
+
+
 def test_folder_holding_one_gguf_is_converted(tiny_gguf, cache_dir):
     _, gguf_file = tiny_gguf
     folder = Path(models.resolve_model_path(make_settings(gguf_file.parent, cache_dir)))
