@@ -363,12 +363,23 @@ def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None 
             every setting with its description, default and env name, then exits.
         env_file: the dotenv file to read (relative to the working directory); None reads none.
     Raises:
-        pydantic.ValidationError listing every invalid setting at once.
+        pydantic.ValidationError listing every invalid setting at once. When reading `sys.argv`
+        (a script's command line) it exits instead, with status 2 and one line per invalid
+        setting naming its flag and env name, like argparse does for a bad flag.
     """
     import sys
 
-    flags = vars(build_parser().parse_args(sys.argv[1:] if argv is None else list(argv)))
-    return Settings(_env_file=env_file, **flags)
+    from pydantic import ValidationError
+
+    parser = build_parser()
+    flags = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        return Settings(_env_file=env_file, **flags)
+    except ValidationError as err:
+        if argv is not None:
+            raise
+        lines = [f"--{e['loc'][0]} / {str(e['loc'][0]).upper()}: {e['msg']}" for e in err.errors() if e["loc"]]
+        parser.exit(2, "invalid settings (flag / env name):\n  " + "\n  ".join(lines) + "\n")
 
 
 @lru_cache(maxsize=1)

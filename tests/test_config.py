@@ -154,3 +154,18 @@ def test_env_example_is_in_sync_with_settings():
 def test_settings_is_every_group():
     s = get_settings([], env_file=None)
     assert all(isinstance(s, group) for group in config.GROUPS)
+
+
+def test_a_script_with_bad_settings_exits_with_one_line_per_field(tmp_path):
+    """From the command line, bad values give a short message naming flag and env, not a traceback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom config import get_settings\nget_settings()\n")
+    result = subprocess.run([sys.executable, str(script), "--lora_r", "0", "--prompt_template", "vicuna"],
+                            capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--lora_r / LORA_R: Input should be greater than or equal to 1" in result.stderr
+    assert "--prompt_template / PROMPT_TEMPLATE: Input should be 'alpaca'" in result.stderr
