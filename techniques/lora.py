@@ -401,8 +401,9 @@ def _merge_check_save(peft_model, output_dir: Path, expected, tokenizer, dtype, 
         os.replace(tmp_dir, output_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("merged model saved to %s (%s, tied embeddings %s, stop ids %s); max |logit diff| vs adapter model: %.3g",
-             output_dir, save_dtype, merged.config.tie_word_embeddings, gen.eos_token_id, diff)
+    log.info("merged model saved to %s (%s, tied embeddings %s, stop ids %s); max |logit diff| vs adapter model: "
+             "%.3g (allowed %.3g)", output_dir, save_dtype, merged.config.tie_word_embeddings, gen.eos_token_id,
+             diff, tolerance)
     return diff
 
 

@@ -51,6 +51,22 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert len(summary["answers_before"]) == len(summary["answers_after"]) == 4
     check_saved_run(Path(summary["final_dir"]), model_dir, expected_stop_ids=[2])
+    run_readme_after_training_snippets(Path(summary["final_dir"]), tmp_path / "merged-model")
+
+
+def run_readme_after_training_snippets(final_dir: Path, merged_dir: Path):
+    """The README's "After training" Python blocks, run as written on this run's adapter."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## After training"):]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:3]]
+    assert "PeftModel.from_pretrained" in blocks[0] and "merge_and_save_lora" in blocks[1]
+    code = "\n".join(blocks).replace('"ft-outputs/final"', repr(str(final_dir)))
+    code = code.replace('"./merged-model"', repr(str(merged_dir)))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert type(namespace["model"]).__name__ == "PeftModelForCausalLM"
+    assert (merged_dir / "model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(merged_dir).config.model_type == "llama"
 
 
 @pytest.mark.slow
