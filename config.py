@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -380,12 +379,6 @@ def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None 
             raise
         lines = [f"--{e['loc'][0]} / {str(e['loc'][0]).upper()}: {e['msg']}" for e in err.errors() if e["loc"]]
         parser.exit(2, "invalid settings (flag / env name):\n  " + "\n  ".join(lines) + "\n")
-
-
-@lru_cache(maxsize=1)
-def cached_settings() -> Settings:
-    """The process-wide settings from `.env` and the environment (no flags), built once."""
-    return get_settings(argv=[])
 
 
 def save_settings(settings: Settings, path: str | Path) -> Path:
