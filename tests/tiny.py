@@ -110,19 +110,17 @@ def make_tokenizer(family: str, vocab_size: int = 500) -> PreTrainedTokenizerFas
 
 
 def make_model(tokenizer, attn_implementation: str = "sdpa", seed: int = 0):
-    """A tiny random `LlamaForCausalLM` (fp32, eval mode) over `tokenizer`'s vocabulary, with its
+    """A tiny random `LlamaForCausalLM` (fp32, eval mode; the shape of `tests.tiny_model.TINY_CONFIG`)
+    over `tokenizer`'s vocabulary, with its
     bos/eos/pad ids; seeded without touching the global RNG state."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tests.tiny_model import TINY_CONFIG  # one tiny Llama shape for every test
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_CONFIG,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
