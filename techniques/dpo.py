@@ -79,7 +79,7 @@ from data.dataset import (
 from models import load_model
 from techniques.lora import apply_lora
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
-from techniques.sft import trainer_arguments
+from techniques.training import ExactEvalMixin, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def loss_types_and_weights(settings: Settings) -> tuple[list[str], list[float]]:
 
 
 def dpo_config(settings: Settings, **overrides) -> DPOConfig:
-    """TRL `DPOConfig`: `techniques.sft.trainer_arguments` (precision, checkpointing, CPU, schedule)
+    """TRL `DPOConfig`: `techniques.training.trainer_arguments` (precision, checkpointing, CPU, schedule)
     plus the dpo settings; `overrides` win over everything.
 
     `max_length=None` because pairs arrive truncated by `truncate_pair`, and `disable_dropout=True`
@@ -381,13 +381,22 @@ def dpo_config(settings: Settings, **overrides) -> DPOConfig:
     return DPOConfig(**args)
 
 
-class PreTokenizedDPOTrainer(DPOTrainer):
-    """`DPOTrainer` over rows that already hold prompt_ids / chosen_ids / rejected_ids.
+class PreTokenizedDPOTrainer(ExactEvalMixin, DPOTrainer):
+    """`DPOTrainer` over rows that already hold prompt_ids / chosen_ids / rejected_ids, with eval
+    metrics weighted by pairs and DDP-safe training (`techniques.training.ExactEvalMixin`).
 
     TRL 1.16 always re-tokenizes `prompt + chosen` in one piece and splits where it stops agreeing
     with the tokenized prompt, which moves the boundary when tokens merge across it ("A: " + "46");
     our rows are split by construction, so its preparation step is skipped.
+
+    Eval: TRL computes the loss and the reward metrics (rewards/chosen, rejected, margins,
+    accuracies, logps) as means over each batch's pairs; weighting each batch by its pair count
+    makes them means over every eval pair, whatever the eval batch size.
     """
+
+    def eval_weight(self, inputs: dict) -> int:
+        """Pairs in the batch: the collator stacks the chosen rows, then the rejected rows."""
+        return inputs["input_ids"].shape[0] // 2
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
@@ -396,7 +405,8 @@ class PreTokenizedDPOTrainer(DPOTrainer):
         return dataset
 
 
-def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: Settings, **config_overrides) -> DPOTrainer:
+def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: Settings, callbacks=None,
+                      **config_overrides) -> DPOTrainer:
     """A DPO trainer over pre-tokenized pairs (`build_preference_dataset`), for any `load_policy` model.
 
     The reference: `ref_model` when set (loaded frozen); else for a plain (full) model a frozen
@@ -418,6 +428,7 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: S
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     if settings.load_in_4bit:
         # TRL casts the trainable adapter of a quantized model to bf16 (the QLoRA paper's GPU recipe),

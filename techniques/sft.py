@@ -12,48 +12,9 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
-from config import Settings, resolve_precision
-
-
-def trainer_arguments(settings: Settings) -> dict:
-    """`TrainingArguments` keywords shared by every trainer here (SFT, DPO), from the settings.
-
-    TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
-    `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True) follows the
-    setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start otherwise), and
-    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save).
-    """
-    import torch
-
-    precision = resolve_precision(settings)
-    eval_steps = settings.eval_steps or None
-    return dict(
-        output_dir=settings.output_dir,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        warmup_steps=settings.warmup_steps,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        logging_steps=settings.logging_steps,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps" if settings.save_steps else "no",
-        save_steps=settings.save_steps or 500,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        dataloader_num_workers=0,
-    )
+from config import Settings
+from techniques.qlora import adapter_dtype_kept
+from techniques.training import ExactEvalMixin, trainer_arguments
 
 
 def sft_config(settings: Settings, **overrides) -> SFTConfig:
@@ -90,32 +51,70 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     return SFTConfig(**args)
 
 
+class Trainer(ExactEvalMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with exact eval figures and DDP-safe training (`techniques.training`),
+    and optionally an optimizer built by `optimizer_factory(model)` when the trainer needs one.
+
+    The factory is how full fine-tuning hands its LLRD parameter groups over: the trainer calls it
+    at the point where it would build its own AdamW (before FSDP2 shards the parameters, which
+    accelerate then swaps into the optimizer's groups; inside `deepspeed_init` for ZeRO), so it
+    works where a pre-built optimizer is refused (FSDP).
+    """
+
+    def __init__(self, *args, optimizer_factory=None, **kwargs):
+        self.optimizer_factory = optimizer_factory
+        super().__init__(*args, **kwargs)
+
+    def eval_weight(self, inputs: dict) -> int:
+        """Supervised tokens in the batch: targets of the next-token loss (labels[:, 1:] != -100)."""
+        return int((inputs["labels"][:, 1:] != -100).sum())
+
+    def create_optimizer(self, model=None):
+        if self.optimizer_factory is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            # FSDP1 builds the optimizer after wrapping, over flattened parameters with new names,
+            # where the decoder layers cannot be found; FSDP2 keeps them (see the class docstring).
+            raise ValueError("full fine-tuning with LLRD groups needs FSDP2 (fsdp_version: 2, "
+                             "configs/accelerate/fsdp2.yaml), DDP or DeepSpeed ZeRO; FSDP1 is not supported")
+        self.optimizer = self.optimizer_factory(self.accelerator.unwrap_model(self.model if model is None else model))
+        return self.optimizer
+
+
 def build_sft_trainer(
     model: PreTrainedModel,
     tokenizer,
     datasets: DatasetDict,
     settings: Settings,
     optimizers=None,
+    optimizer_factory=None,
+    callbacks=None,
     **config_overrides,
-) -> SFTTrainer:
-    """An `SFTTrainer` over `datasets["train"]` (and `datasets["eval"]` when present).
+) -> Trainer:
+    """A `Trainer` (TRL `SFTTrainer`, exact eval) over `datasets["train"]` (and `datasets["eval"]`).
 
     Args:
         model: the model to train (a PeftModel for LoRA/QLoRA; a plain model for full fine-tuning).
         tokenizer: passed as `processing_class`; it is saved with checkpoints.
         datasets: splits with `input_ids` and `labels` columns (lists of int).
         optimizers: `(optimizer, scheduler)` passed to the trainer as is (either may be None: the
-            trainer builds that one from the settings); None = the trainer's default AdamW and
-            scheduler. Full fine-tuning passes `(techniques.full_finetune.build_optimizer(...), None)`.
+            trainer builds that one from the settings); refused by transformers under FSDP.
+        optimizer_factory: `model -> optimizer`, called when the trainer creates its optimizer
+            (full fine-tuning passes `lambda m: build_optimizer(m, settings)`); works under FSDP2.
+        callbacks: extra `TrainerCallback`s.
+        config_overrides: `SFTConfig` keywords that win over the settings (e.g. `eval_on_start=True`).
     """
-    return SFTTrainer(
-        model=model,
-        args=sft_config(settings, **config_overrides),
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["eval"] if "eval" in datasets else None,
-        processing_class=tokenizer,
-        optimizers=optimizers or (None, None),
-    )
+    with adapter_dtype_kept(model, settings):  # QLoRA: TRL would make the adapter bf16
+        return Trainer(
+            model=model,
+            args=sft_config(settings, **config_overrides),
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["eval"] if "eval" in datasets else None,
+            processing_class=tokenizer,
+            optimizers=optimizers or (None, None),
+            optimizer_factory=optimizer_factory,
+            callbacks=callbacks,
+        )
 
 
 def perplexity(loss: float) -> float:

@@ -1,0 +1,152 @@
+"""What the SFT and DPO trainers share: their `TrainingArguments` and an evaluation that is exact.
+
+`trainer_arguments(settings)` gives the keywords both configs start from. `ExactEvalMixin` goes in
+front of a transformers/TRL trainer class (`class Trainer(ExactEvalMixin, SFTTrainer)`) and makes
+two promises the stock trainers do not keep:
+
+1. Eval figures do not depend on the eval batch size or the number of processes. The stock loop
+   averages per-batch means with equal weights (the last, smaller batch counts as much as a full
+   one: 5.955 at eval batch 1 vs 5.977 at 4 on the same data), and under N processes the sampler
+   pads the last batch with repeated examples that are counted too. Here every process evaluates
+   the whole eval set in order (so nothing is repeated and every process holds the same figures;
+   the cost is N times the eval compute of a sharded eval, small next to training for eval sets of
+   hundreds or thousands of examples), and each batch's means are weighted by what they average:
+   `eval_weight(inputs)` is the number of supervised tokens for SFT (so eval loss is the mean token
+   cross-entropy over the set, perplexity its exp) and the number of pairs for DPO.
+2. Training after `evaluate()` still synchronises the ranks. A pre-training `evaluate()` prepares
+   the model for evaluation without DistributedDataParallel, and `train()` then never wraps it:
+   each rank trains its own copy, silently. Evaluate before training with `eval_on_start=True`
+   (inside `train()`, after wrapping), as the example scripts do; `train()` refuses the broken
+   state with a message saying so.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate.utils import parse_flag_from_env
+from torch.utils.data import DataLoader
+
+from config import Settings, resolve_precision
+
+
+def trainer_arguments(settings: Settings) -> dict:
+    """`TrainingArguments` keywords shared by every trainer here (SFT, DPO), from the settings.
+
+    TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
+    `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True) follows the
+    setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start otherwise), and
+    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save).
+
+    Raises ValueError when an accelerate config asks for FSDP or DeepSpeed on a machine without
+    CUDA (accelerate would ignore FSDP there without a word), or for another mixed precision than
+    MIXED_PRECISION resolves to (transformers would silently take the launcher's): the configs in
+    configs/accelerate/ say `mixed_precision: 'no'`, which defers to the setting.
+    """
+    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if parse_flag_from_env(flag) and not torch.cuda.is_available():
+            # accelerate would silently drop FSDP on a CPU and train unsharded
+            raise ValueError(f"the accelerate config asks for {what}, which needs CUDA GPUs; on a CPU machine launch "
+                             "DDP with `torchrun --nproc_per_node N examples/<script>.py` instead")
+    precision = resolve_precision(settings)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", precision):
+        raise ValueError(
+            f"the accelerate config launches with mixed_precision={launched}, but MIXED_PRECISION={settings.mixed_precision} "
+            f"resolves to {precision} here: set MIXED_PRECISION={launched}, or mixed_precision: 'no' in the "
+            "accelerate config (which then follows MIXED_PRECISION)"
+        )
+    eval_steps = settings.eval_steps or None
+    return dict(
+        output_dir=settings.output_dir,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_steps,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        dataloader_num_workers=0,
+        # Every trainable weight gets a gradient each step (LoRA, full, DPO); searching the graph
+        # for unused ones costs time every step and DDP warns about it.
+        ddp_find_unused_parameters=False,
+    )
+
+
+class ExactEvalMixin:
+    """Exact eval figures and a DDP-safe `train()`; see the module docstring.
+
+    A subclass defines `eval_weight(inputs) -> int`: how many items (tokens, pairs) one eval batch's
+    means average over. Put the mixin first in the bases so its methods wrap the trainer's own.
+    """
+
+    def eval_weight(self, inputs: dict) -> int:
+        raise NotImplementedError
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        # Not `accelerator.prepare`d: each process reads the whole set in order, so no process
+        # evaluates an example twice and collectives inside the model see equal batch counts.
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        dataset = self._remove_unused_columns(dataset, description="evaluation")
+        return DataLoader(
+            dataset, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        weight = self.eval_weight(inputs)
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        self._eval_weights.append(weight)
+        self._eval_loss_sum += loss.item() * weight
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_weights, self._eval_loss_sum = [], 0.0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        total = sum(self._eval_weights)
+        output.metrics[f"{metric_key_prefix}_loss"] = self._eval_loss_sum / total if total else float("nan")
+        output.metrics[f"{metric_key_prefix}_weight"] = total  # tokens (SFT) or pairs (DPO) the figures cover
+        return output
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        # TRL keeps one value per eval batch in self._metrics["eval"] and averages them with equal
+        # weights in its own log(); weight each by its batch's share instead.
+        weights = getattr(self, "_eval_weights", None)
+        if weights and not self.model.training and sum(weights):
+            for name, values in self._metrics["eval"].items():
+                if len(values) == len(weights):
+                    values[:] = [sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)]
+            self._eval_weights = []
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        if (self.accelerator.num_processes > 1 and self.model_wrapped is self.model
+                and getattr(self.model, "_is_accelerate_prepared", False)):
+            # accelerate marks a model prepared for evaluation as prepared, and then never wraps it
+            # for training: the ranks would not average their gradients.
+            raise RuntimeError(
+                f"trainer.evaluate() ran before trainer.train() under {self.accelerator.num_processes} processes: "
+                "the model was prepared for evaluation without DistributedDataParallel, so the ranks would train "
+                "separate copies. Evaluate before training with eval_on_start=True instead (the example scripts do)."
+            )
+        return super().train(*args, **kwargs)
