@@ -83,6 +83,10 @@ class QLoraSettings(BaseModel):
     bnb_4bit_compute_dtype: str = Field(
         "auto", description="Matmul dtype for 4-bit layers: auto (bf16 where supported, else fp32), bfloat16, float16, float32."
     )
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Storage dtype of the packed 4-bit weights: auto (uint8; the compute dtype under FSDP, "
+        "which needs it), uint8, bfloat16, float16, float32.",
+    )
 
 
     @field_validator("load_in_4bit")

@@ -11,9 +11,12 @@ a laptop too.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from peft import PeftModel, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BitsAndBytesConfig, PreTrainedModel
@@ -33,15 +36,40 @@ def compute_dtype(settings: QLoraSettings) -> torch.dtype:
     return getattr(torch, settings.bnb_4bit_compute_dtype)
 
 
+def fsdp_launch() -> bool:
+    """True when `accelerate launch` runs this process with an FSDP config (ACCELERATE_USE_FSDP)."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def quant_storage_dtype(settings: QLoraSettings) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored in: `auto` is uint8, except under FSDP, which
+    shards a layer's weights together only when they share one float dtype: there the compute
+    dtype, which is also the dtype the model is loaded in (PEFT's and bitsandbytes' FSDP-QLoRA
+    guides)."""
+    if settings.bnb_4bit_quant_storage == "auto":
+        return compute_dtype(settings) if fsdp_launch() else torch.uint8
+    return getattr(torch, settings.bnb_4bit_quant_storage)
+
+
 def bnb_config(settings: QLoraSettings) -> BitsAndBytesConfig:
     """The transformers `BitsAndBytesConfig` for 4-bit loading: quant type (nf4/fp4), double
-    quantization and compute dtype from the `bnb_4bit_*` settings."""
+    quantization, compute dtype and storage dtype from the `bnb_4bit_*` settings."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(settings),
+        bnb_4bit_quant_storage=quant_storage_dtype(settings),
     )
+
+
+def device_map(local_rank: int, cuda: bool, fsdp: bool) -> dict | None:
+    """Where a process loads its 4-bit model: its own GPU (`{"": local_rank}`; every rank on
+    cuda:0 would put N models on one GPU), the CPU without CUDA, or None under FSDP, which places
+    the shards itself."""
+    if fsdp:
+        return None
+    return {"": local_rank} if cuda else {"": "cpu"}
 
 
 def load_4bit_model(settings: Settings, path: str | None = None) -> PreTrainedModel:
@@ -58,9 +86,9 @@ def load_4bit_model(settings: Settings, path: str | None = None) -> PreTrainedMo
         raise RuntimeError(f"QLoRA (load_in_4bit=true) needs a working bitsandbytes>=0.46: {exc}") from exc
     import bitsandbytes as bnb
 
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    placement = device_map(PartialState(cpu=not torch.cuda.is_available()).local_process_index, torch.cuda.is_available(), fsdp_launch())
     model = load_model(settings, path=path, dtype=compute_dtype(settings),
-                       quantization_config=bnb_config(settings), device_map={"": device})
+                       quantization_config=bnb_config(settings), device_map=placement)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             # bitsandbytes 0.50 repacks CPU weights for an AVX512-bf16 kernel at the first eval
@@ -83,6 +111,28 @@ def apply_qlora(model: PreTrainedModel, settings: Settings) -> PeftModel:
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return apply_lora(model, settings)
+
+
+@contextmanager
+def adapter_dtype_kept(model: torch.nn.Module, settings: QLoraSettings):
+    """Around building a TRL trainer for a 4-bit model: its trainable weights end up as they were
+    before, in the 4-bit compute dtype.
+
+    TRL's SFT and DPO trainers cast a quantized model's trainable adapter weights to bf16 (the
+    QLoRA paper's GPU recipe). On a CPU, where the compute dtype is fp32, bf16 adapter weights
+    round away most AdamW updates (at |w| ~ 0.2 a bf16 step is ~1e-3, the size of a whole update
+    at lr 1e-3), and the adapter would not be the one PEFT initialised. Nothing changes for a model
+    that is not quantized.
+    """
+    if not getattr(model, "is_loaded_in_4bit", False):
+        yield
+        return
+    saved = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+    yield
+    dtype = compute_dtype(settings)
+    for name, param in model.named_parameters():
+        if name in saved:
+            param.data = saved[name].to(dtype, copy=True)
 
 
 def dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

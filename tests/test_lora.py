@@ -133,6 +133,27 @@ def test_qlora_trains_lora_weights_through_gradient_checkpointing(tiny_dir_64):
     assert all(p.grad is None for p in frozen)
 
 
+def test_sft_trainer_keeps_the_qlora_adapter_in_the_compute_dtype(tiny_dir_64):
+    """TRL's SFTTrainer casts a 4-bit model's adapter to bf16; on CPU (fp32 compute) that rounds
+    away most AdamW updates. After build_sft_trainer the adapter is the one PEFT made, in fp32."""
+    import datasets
+
+    from techniques.qlora import apply_qlora, load_4bit_model
+    from techniques.sft import build_sft_trainer
+    from tests.tiny_model import make_tiny_tokenizer
+
+    s = settings_for(tiny_dir_64, "--load_in_4bit", "true", "--output_dir", str(tiny_dir_64 / "run"))
+    model = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 13]], "labels": [[-100, 5, 9, 13]]})
+    trainer = build_sft_trainer(model, make_tiny_tokenizer(), datasets.DatasetDict(train=rows), s)
+    after = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys() and len(after) == 2 * 7 * 2  # A and B of 7 projections x 2 layers
+    for name, param in after.items():
+        assert param.dtype == torch.float32, name
+        assert torch.equal(param, before[name]), name
+
+
 def test_qlora_gradients_equal_fp32_lora_on_dequantized_weights_even_after_eval(tiny_dir_64):
     """QLoRA's gradients are those of LoRA on dequant(Q(W)); an eval pass first must not change that.
 
