@@ -6,7 +6,8 @@
     python examples/dpo.py --dpo_policy full --learning_rate 5e-6 --precompute_ref_log_probs true   # full DPO
     python examples/dpo.py --loss_type ipo --beta 0.5           # or hinge, robust, ... (--help lists all)
     python examples/dpo.py --dpo_dataset_path ../shared/datasets/llamafactory/dpo_en_demo.json --max_length 1024
-    accelerate launch --num_processes 2 examples/dpo.py         # DDP on 2 GPUs
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/dpo.py   # DDP, 2 GPUs
+    torchrun --nproc_per_node 2 examples/dpo.py                 # DDP on 2 CPU processes (gloo)
 
 The default run teaches SmolLM2-135M-Instruct the preference in `data/preference_demo.jsonl`:
 direct answers over answers padded with filler ("Great question! ... Hope this helps!"). It
@@ -18,7 +19,6 @@ trained on. The adapter, tokenizer and settings land in `<output_dir>/final`.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from config import Settings, get_settings, save_settings  # noqa: E402
-from data.dataset import chat_template_for  # noqa: E402
-from finetune_llm_lora import save_generation_config  # noqa: E402
-from models import load_tokenizer, resolve_model_path  # noqa: E402
+import runs  # noqa: E402
+from config import Settings, get_settings  # noqa: E402
+from models import load_tokenizer  # noqa: E402
 from techniques.dpo import (  # noqa: E402
     build_dpo_trainer,
     build_preference_dataset,
@@ -42,76 +41,77 @@ from techniques.dpo import (  # noqa: E402
 )
 from techniques.lora import count_parameters  # noqa: E402
 
-log = logging.getLogger("dpo")
-
 
 def main(argv: list[str] | None = None) -> dict:
     settings = get_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    runs.setup_logging()
     set_seed(settings.seed)
     start = time.perf_counter()
 
     # 1. Model folder and tokenizer (first run of the default model: fetch + dequantize, ~1 min).
-    model_path = resolve_model_path(settings)
+    model_path = runs.resolve_model_once(settings)
     tokenizer = load_tokenizer(settings, model_path)
 
-    # 2. Preference pairs, rendered in the SFT template and tokenized by construction.
-    splits = build_preference_dataset(settings, tokenizer)
+    # 2. Preference pairs, rendered in the SFT template and tokenized by construction (once per machine).
+    splits, _ = runs.prepare_once(lambda: (build_preference_dataset(settings, tokenizer), None), settings, "dpo")
     eval_split = splits.get("eval")
 
-    # 3. Policy (LoRA / QLoRA / LoRA on an SFT adapter / full) and trainer (which builds the reference).
+    # 3. Policy (LoRA / QLoRA / LoRA on an SFT adapter / full); the trainer builds the reference.
+    #    Numbers before training: the held-out preference now (main process), TRL's reward
+    #    metrics as train() starts (eval_on_start: after the trainer has wrapped the model).
     policy = load_policy(settings, model_path)
-    trainer = build_dpo_trainer(policy, tokenizer, splits["train"], eval_split, settings)
+    held_out_before = held_out_preference(policy, eval_split, tokenizer, settings)
+    show_before = runs.OnFirstEvaluate(lambda m: print_measurement("before training", {**m, **held_out_before}))
+    trainer = build_dpo_trainer(policy, tokenizer, splits["train"], eval_split, settings,
+                                eval_on_start=eval_split is not None,
+                                callbacks=[show_before, runs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
     print_run_summary(settings, policy, trainer, splits)
+    if eval_split is None:
+        print_measurement("before training", {})
 
-    # 4. Numbers before training, train, the same numbers after.
-    before = measure(trainer, eval_split, tokenizer)
-    print_measurement("before training", before)
+    # 4. Train, then the same numbers after.
     train_start = time.perf_counter()
     train_loss = trainer.train().training_loss
     train_seconds = time.perf_counter() - train_start
-    after = measure(trainer, eval_split, tokenizer)
+    after = {**(trainer.evaluate() if eval_split is not None else {}),
+             **held_out_preference(policy, eval_split, tokenizer, settings, trainer)}
     print_measurement("after training", after)
 
     # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings.
-    final_dir = Path(settings.output_dir) / "final"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
-    if trainer.is_world_process_zero():
-        if is_peft_model(trainer.model):
-            trainer.model.save_pretrained(final_dir, selected_adapters=["default"])
-            tokenizer.save_pretrained(final_dir)
-        else:
-            trainer.save_model(str(final_dir))
-        save_generation_config(tokenizer, settings, final_dir)
-        save_settings(settings, final_dir / "run_settings.json")
+    final_dir = runs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
+    before = {**runs.first_eval(trainer), **held_out_before}
     summary = {
         "train_pairs": len(splits["train"]), "eval_pairs": len(eval_split) if eval_split is not None else 0,
         "train_loss": train_loss, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
-        "final_dir": str(final_dir),
-        **{f"{key}_before": value for key, value in before.items()},
-        **{f"{key}_after": value for key, value in after.items()},
+        "final_dir": str(final_dir), **runs.describe_processes(trainer),
+        **{f"{key}_before": before.get(metric) for key, metric in SUMMARY_METRICS.items()},
+        **{f"{key}_after": after.get(metric) for key, metric in SUMMARY_METRICS.items()},
     }
-    print(f"\nSaved the policy, tokenizer and settings to {final_dir}; "
-          f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
+    runs.say(f"\nSaved the policy, tokenizer and settings to {final_dir}; "
+             f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
     return summary
 
 
-def measure(trainer, eval_split, tokenizer) -> dict:
-    """Reward accuracy / margin (policy vs reference, TRL's eval) and the policy's own preference
-    on the held-out pairs: chosen wins when its mean log-prob per answer token is higher (per token,
-    so that answer length alone cannot decide it)."""
-    if eval_split is None or len(eval_split) == 0:
+# summary key -> metric name (TRL's eval metrics, weighted by pairs, and our held-out preference)
+SUMMARY_METRICS = {
+    "eval_loss": "eval_loss", "eval_reward_accuracy": "eval_rewards/accuracies",
+    "eval_reward_margin": "eval_rewards/margins", "held_out_accuracy": "held_out_accuracy",
+    "held_out_accuracy_sum_logp": "held_out_accuracy_sum_logp",
+}
+
+
+def held_out_preference(policy, eval_split, tokenizer, settings: Settings, trainer=None) -> dict:
+    """The policy's own preference on the held-out pairs, on the main process: chosen wins when its
+    mean log-prob per answer token is higher (per token, so that answer length alone cannot decide
+    it); also by summed log-prob. Empty without eval pairs, on other processes, and when the
+    trainer has sharded the weights (FSDP, ZeRO-3)."""
+    if eval_split is None or len(eval_split) == 0 or not runs.is_main():
         return {}
-    metrics = trainer.evaluate()
-    chosen, rejected = pair_log_probs(trainer.model, eval_split, tokenizer.pad_token_id,
-                                      trainer.args.per_device_eval_batch_size)
-    return {
-        "eval_loss": metrics["eval_loss"],
-        "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
-        "eval_reward_margin": metrics["eval_rewards/margins"],
-        "held_out_accuracy": preference_accuracy(chosen, rejected, eval_split),
-        "held_out_accuracy_sum_logp": preference_accuracy(chosen, rejected),
-    }
+    if trainer is not None and runs.sharded_weights(trainer):
+        return {}
+    chosen, rejected = pair_log_probs(policy, eval_split, tokenizer.pad_token_id, settings.per_device_eval_batch_size)
+    return {"held_out_accuracy": preference_accuracy(chosen, rejected, eval_split),
+            "held_out_accuracy_sum_logp": preference_accuracy(chosen, rejected)}
 
 
 def print_run_summary(settings: Settings, model, trainer, splits) -> None:
@@ -128,24 +128,28 @@ def print_run_summary(settings: Settings, model, trainer, splits) -> None:
         reference = "precomputed log-probs" if settings.precompute_ref_log_probs else "a frozen copy"
     types, weights = loss_types_and_weights(settings)
     loss = " + ".join(f"{w:g}*{t}" for t, w in zip(types, weights, strict=True))
-    print(f"\nmodel {settings.base_model_name} | policy {kind} | reference {reference} | device {trainer.args.device}"
-          f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}")
-    print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
-          f" | loss {loss} | beta {settings.beta:g} | template {settings.prompt_template}")
-    print(f"effective batch {effective} pairs = {settings.per_device_train_batch_size} micro x "
-          f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
-          f" | train {len(splits['train'])} pairs | eval {len(splits['eval']) if 'eval' in splits else 0}")
+    runs.say(
+        f"\nmodel {settings.base_model_name} | policy {kind} | reference {reference} | device {trainer.args.device}"
+        f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}",
+        f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
+        f" | loss {loss} | beta {settings.beta:g} | template {settings.prompt_template}",
+        f"effective batch {effective} pairs = {settings.per_device_train_batch_size} micro x "
+        f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
+        f" | train {len(splits['train'])} pairs | eval {len(splits['eval']) if 'eval' in splits else 0}",
+    )
 
 
 def print_measurement(title: str, result: dict) -> None:
-    print(f"\n=== {title} ===")
-    if not result:
-        print("no eval pairs (set eval_split_size or dpo_eval_dataset_path)")
-        return
-    print(f"eval loss {result['eval_loss']:.4f} | reward accuracy {result['eval_reward_accuracy']:.3f}"
-          f" | reward margin {result['eval_reward_margin']:.4f}")
-    print(f"held-out preference accuracy {result['held_out_accuracy']:.3f} (mean log-prob per answer token; "
-          f"by summed log-prob {result['held_out_accuracy_sum_logp']:.3f})")
+    lines = [f"\n=== {title} ==="]
+    if "eval_loss" not in result:
+        lines.append("no eval pairs (set eval_split_size or dpo_eval_dataset_path)")
+    else:
+        lines.append(f"eval loss {result['eval_loss']:.4f} | reward accuracy {result['eval_rewards/accuracies']:.3f}"
+                     f" | reward margin {result['eval_rewards/margins']:.4f}")
+    if "held_out_accuracy" in result:
+        lines.append(f"held-out preference accuracy {result['held_out_accuracy']:.3f} (mean log-prob per answer "
+                     f"token; by summed log-prob {result['held_out_accuracy_sum_logp']:.3f})")
+    runs.say(*lines)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
     LEARNING_RATE=2e-5 NUM_TRAIN_EPOCHS=5 python examples/full_finetune.py
     OPTIM=paged_adamw_8bit GRADIENT_CHECKPOINTING=true python examples/full_finetune.py   # less memory (GPU)
     python examples/full_finetune.py --help                     # every setting, default and env name
-    accelerate launch --num_processes 2 examples/full_finetune.py   # DDP on 2 GPUs
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/full_finetune.py     # DDP, 2 GPUs
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/full_finetune.py         # FSDP2
+    accelerate launch --config_file configs/accelerate/zero3.yaml examples/full_finetune.py         # ZeRO-3
+    torchrun --nproc_per_node 2 examples/full_finetune.py       # DDP on 2 CPU processes (gloo)
 
 Learning rate: the global LEARNING_RATE default (1e-3) is a LoRA rate; full fine-tuning moves
 every weight and diverges or forgets at such rates. When LEARNING_RATE is not set (flag, env or
@@ -21,7 +24,6 @@ where the LoRA example puts its adapter).
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -31,16 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from config import Settings, get_settings, save_settings  # noqa: E402
-from data.dataset import build_sft_dataset_with_report, chat_template_for  # noqa: E402
-from finetune_llm_lora import held_out_prompts, measure, print_measurement, save_generation_config  # noqa: E402
-from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+import runs  # noqa: E402
+from config import Settings, get_settings  # noqa: E402
+from data.dataset import build_sft_dataset_with_report  # noqa: E402
+from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement  # noqa: E402
+from models import load_model, load_tokenizer  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402
 from techniques.lora import count_parameters  # noqa: E402
 from techniques.sft import build_sft_trainer  # noqa: E402
 
-log = logging.getLogger("full_finetune")
-N_HELD_OUT_PROMPTS = 4
 # Used when LEARNING_RATE is not set. 5e-5 learns the demo identity in the default 3 epochs (39
 # steps; eval loss 4.44 -> 0.21, every held-out answer names Orrin and Kestrel Works); higher
 # learns faster and forgets more of the instruct model.
@@ -49,54 +50,56 @@ FULL_FT_LEARNING_RATE = 5e-5
 
 def main(argv: list[str] | None = None) -> dict:
     settings = full_ft_settings(get_settings(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    runs.setup_logging()
     set_seed(settings.seed)
     start = time.perf_counter()
 
     # 1. Model folder and tokenizer (first run of the default model: fetch + dequantize, ~1 min).
-    model_path = resolve_model_path(settings)
+    model_path = runs.resolve_model_once(settings)
     tokenizer = load_tokenizer(settings, model_path)
 
-    # 2. Data: tokenized, loss-masked splits, and held-out prompts to watch.
-    datasets, report = build_sft_dataset_with_report(settings, tokenizer)
-    print(report.format())
-    held_out = held_out_prompts(settings, N_HELD_OUT_PROMPTS)
+    # 2. Data: tokenized, loss-masked splits (built once per machine), held-out prompts to watch.
+    datasets, report = runs.prepare_once(lambda: build_sft_dataset_with_report(settings, tokenizer), settings, "sft")
+    runs.say(report.format() if report else "")
+    held_out = runs.held_out_prompts(settings, N_HELD_OUT_PROMPTS)
 
     # 3. Model in fp32: these are the master weights (bf16 weights would round away most updates
     #    at 5e-5; mixed_precision=bf16 still runs the matmuls in bf16 on a GPU).
     model = load_model(settings, model_path, dtype=torch.float32)
 
-    # 4. Optimizer over LLRD groups (freezing applied), trainer; numbers before training.
-    optimizer = build_optimizer(model, settings)
-    trainer = build_sft_trainer(model, tokenizer, datasets, settings, optimizers=(optimizer, None))
+    # 4. Trainer; it builds its optimizer from our LLRD groups (freezing applied) through the
+    #    factory, which works under DDP, FSDP2 and ZeRO. Numbers before training: answers now,
+    #    eval loss as train() starts (eval_on_start).
+    answers_before = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
+    show_before = runs.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
+    trainer = build_sft_trainer(model, tokenizer, datasets, settings, eval_on_start="eval" in datasets,
+                                optimizer_factory=lambda m: build_optimizer(m, settings),
+                                callbacks=[show_before, runs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+    optimizer = trainer.create_optimizer()
     print_run_summary(settings, model, trainer, datasets)
-    print(format_group_table(optimizer.param_groups))
-    before = measure(trainer, tokenizer, held_out, settings)
-    print_measurement("before training", before, held_out)
+    runs.say(format_group_table(optimizer.param_groups))
+    if "eval" not in datasets:
+        print_measurement("before training", {}, answers_before, held_out)
 
     # 5. Train, then the same numbers after.
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
-    after = measure(trainer, tokenizer, held_out, settings)
-    print_measurement("after training", after, held_out)
+    metrics_after = trainer.evaluate() if "eval" in datasets else {}
+    answers_after = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
+    print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
-    final_dir = Path(settings.output_dir) / "final-full"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
-    trainer.save_model(str(final_dir))
-    if trainer.is_world_process_zero():
-        save_generation_config(tokenizer, settings, final_dir)
-        save_settings(settings, final_dir / "run_settings.json")
+    final_dir = runs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final-full")
     summary = {
-        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-        "answers_before": before["answers"], "answers_after": after["answers"],
+        "eval_loss_before": runs.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
+        "answers_before": answers_before, "answers_after": answers_after,
         "learning_rate": settings.learning_rate,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
-        "final_dir": str(final_dir),
+        "final_dir": str(final_dir), **runs.describe_processes(trainer),
     }
-    print(f"\nSaved model, tokenizer and settings to {final_dir}; "
-          f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
+    runs.say(f"\nSaved model, tokenizer and settings to {final_dir}; "
+             f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
     return summary
 
 
@@ -104,7 +107,7 @@ def full_ft_settings(settings: Settings) -> Settings:
     """The settings with FULL_FT_LEARNING_RATE in place of the LoRA default when LEARNING_RATE was not set."""
     if "learning_rate" in settings.model_fields_set:
         return settings
-    print(f"learning_rate: LEARNING_RATE not set, using the full fine-tuning default {FULL_FT_LEARNING_RATE:g} "
+    runs.say(f"learning_rate: LEARNING_RATE not set, using the full fine-tuning default {FULL_FT_LEARNING_RATE:g} "
           f"(the global default {settings.learning_rate:g} is for LoRA)")
     return settings.model_copy(update={"learning_rate": FULL_FT_LEARNING_RATE})
 
@@ -113,15 +116,17 @@ def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
     trainable, total = count_parameters(model)
     processes = trainer.accelerator.num_processes
     effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * processes
-    print(f"\nmodel {settings.base_model_name} | weights {next(model.parameters()).dtype}"
-          f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}"
-          f" | device {trainer.args.device} | gradient checkpointing {settings.gradient_checkpointing}")
-    print(f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
-          f" | optimizer {settings.optim} lr {settings.learning_rate:g} llrd_decay {settings.llrd_decay:g}"
-          f" | freeze_layers {settings.freeze_layers} freeze_embeddings {settings.freeze_embeddings}")
-    print(f"effective batch {effective} = {settings.per_device_train_batch_size} micro x "
-          f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
-          f" | train {len(datasets['train'])} examples | eval {len(datasets['eval']) if 'eval' in datasets else 0}")
+    runs.say(
+        f"\nmodel {settings.base_model_name} | weights {next(model.parameters()).dtype}"
+        f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}"
+        f" | device {trainer.args.device} | gradient checkpointing {settings.gradient_checkpointing}",
+        f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
+        f" | optimizer {settings.optim} lr {settings.learning_rate:g} llrd_decay {settings.llrd_decay:g}"
+        f" | freeze_layers {settings.freeze_layers} freeze_embeddings {settings.freeze_embeddings}",
+        f"effective batch {effective} = {settings.per_device_train_batch_size} micro x "
+        f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
+        f" | train {len(datasets['train'])} examples | eval {len(datasets['eval']) if 'eval' in datasets else 0}",
+    )
 
 
 if __name__ == "__main__":
