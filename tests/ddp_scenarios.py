@@ -1,0 +1,54 @@
+"""Run every example script for a few steps on a tiny model, as one process or under torchrun.
+
+    python tests/ddp_scenarios.py MODEL_DIR OUT_DIR 8                              # 1 process, micro batch 8
+    torchrun --nproc_per_node 2 tests/ddp_scenarios.py MODEL_DIR OUT_DIR 4         # 2 processes, micro batch 4
+
+Both give a global batch of 8, so the two runs must agree step for step. Each scenario writes its
+run into OUT_DIR/<scenario>/ (metrics.jsonl, final folder) and the main process writes the
+example's summary to OUT_DIR/<scenario>/summary.json. tests/test_distributed.py compares them.
+All scenarios run in one process group, so a launch pays the start-up (imports, gloo) once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "examples")]
+
+# name -> (example module, extra flags); each runs with and without gradient checkpointing
+SCENARIOS = {
+    "lora": ("finetune_llm_lora", []),
+    "qlora": ("finetune_llm_lora", ["--load_in_4bit", "true"]),
+    "full": ("full_finetune", ["--learning_rate", "1e-3", "--llrd_decay", "0.8"]),
+    "dpo": ("dpo", ["--dpo_dataset_path", str(REPO / "data/preference_demo.jsonl")]),
+}
+STEPS = 3
+
+
+def main(model_dir: str, out_dir: str, micro_batch: str, only: list[str]) -> None:
+    import importlib
+
+    import runs
+
+    for name, (module, flags) in SCENARIOS.items():
+        for checkpointing in ("false", "true"):
+            scenario = f"{name}-gc" if checkpointing == "true" else name
+            if only and scenario not in only:
+                continue
+            run_dir = Path(out_dir) / scenario
+            summary = importlib.import_module(module).main([
+                "--base_model_name", model_dir, "--output_dir", str(run_dir),
+                "--dataset_path", str(REPO / "data/identity_demo.jsonl"),
+                "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "2",
+                "--per_device_train_batch_size", micro_batch, "--per_device_eval_batch_size", "3",
+                "--lora_dropout", "0", "--gradient_checkpointing", checkpointing, *flags,
+            ])
+            if runs.is_main():
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])

@@ -1,0 +1,110 @@
+"""Two processes train one model: every example under torchrun (2 CPU processes, gloo) matches one
+process at the same global batch, step for step.
+
+tests/ddp_scenarios.py runs LoRA, QLoRA, full fine-tuning (LLRD) and DPO, each with and without
+gradient checkpointing, for 3 steps with an evaluation before the first step, at step 2 and at
+the end: once as one process with micro batch 8, once under `torchrun --nproc_per_node 2` with
+micro batch 4. The ranks must average their gradients (the model wrapped in DDP), so per-step
+losses and final weights agree to float rounding; eval figures are exact over the eval set on
+any number of processes; and only the main process prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.ddp_scenarios import SCENARIOS, STEPS
+from tests.tiny_model import make_tiny_model_dir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RUNS = [f"{name}{suffix}" for name in SCENARIOS for suffix in ("", "-gc")]
+TOLERANCE = 1e-5
+
+
+def launch(command: list[str], log: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # torchrun's default, for both runs
+    env = {k: v for k, v in env.items() if not k.startswith(("LORA_", "LEARNING_RATE", "MAX_STEPS"))}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, f"{' '.join(command)} failed; see {log}:\n{(result.stdout + result.stderr)[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """One 1-process and one 2-process launch of every scenario; returns their parent folder."""
+    root = tmp_path_factory.mktemp("ddp")
+    model_dir = str(make_tiny_model_dir(root))
+    script = str(REPO / "tests" / "ddp_scenarios.py")
+    launch([sys.executable, script, model_dir, str(root / "one"), "8"], root / "one.log")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    (root / "two.stdout").write_text(launch(torchrun + [script, model_dir, str(root / "two"), "4"], root / "two.log"))
+    return root
+
+
+def logged(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainable_weights(run: Path, scenario: str) -> dict[str, torch.Tensor]:
+    if scenario.startswith("full"):
+        return load_file(run / "final-full" / "model.safetensors")
+    return load_file(run / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("scenario", RUNS)
+def test_two_processes_train_the_one_process_model(runs_dir, scenario):
+    one, two = runs_dir / "one" / scenario, runs_dir / "two" / scenario
+    summary_one, summary_two = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    assert summary_one["processes"] == 1 and summary_two["processes"] == 2
+    assert summary_two["model_wrapper"] == "DistributedDataParallel"  # really wrapped, so gradients are averaged
+
+    losses = {name: [(row["step"], row["loss"]) for row in logged(run) if "loss" in row] for name, run in (("1", one), ("2", two))}
+    assert [step for step, _ in losses["1"]] == list(range(1, STEPS + 1)) == [step for step, _ in losses["2"]]
+    for (step, loss_one), (_, loss_two) in zip(losses["1"], losses["2"], strict=True):
+        assert abs(loss_one - loss_two) <= TOLERANCE, f"step {step}: {loss_one} vs {loss_two}"
+
+    weights_one, weights_two = trainable_weights(one, scenario), trainable_weights(two, scenario)
+    assert weights_one.keys() == weights_two.keys() and weights_one
+    worst = max((weights_one[k].float() - weights_two[k].float()).abs().max().item() for k in weights_one)
+    assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("scenario", RUNS)
+def test_eval_figures_are_exact_under_two_processes(runs_dir, scenario):
+    """Evaluations before training, at step 2 and after (eval batch 3 over 11 examples / 10 pairs:
+    a short last batch, which DDP samplers would pad with repeated examples) agree."""
+    evals = {}
+    for name in ("one", "two"):
+        evals[name] = [row for row in logged(runs_dir / name / scenario) if "eval_loss" in row]
+    # before training, at step 2, at the last step (the trainer's) and after training (the example's)
+    assert [row["step"] for row in evals["one"]] == [0, 2, STEPS, STEPS] == [row["step"] for row in evals["two"]]
+    keys = ["eval_loss", "eval_weight"] + (["eval_rewards/margins", "eval_rewards/accuracies"] if scenario.startswith("dpo") else [])
+    for row_one, row_two in zip(evals["one"], evals["two"], strict=True):
+        for key in keys:
+            assert row_one[key] == pytest.approx(row_two[key], abs=1e-6), (row_one["step"], key)
+    assert evals["one"][0]["eval_weight"] == (10 if scenario.startswith("dpo") else 526)  # pairs / supervised tokens
+
+
+def test_only_the_main_process_prints_and_held_out_answers_are_generated(runs_dir):
+    out = (runs_dir / "two.stdout").read_text()
+    sft_runs = sum(1 for run in RUNS if not run.startswith("dpo"))
+    assert out.count("SFT data: template=alpaca") == sft_runs  # once per run, not once per rank
+    assert out.count("=== before training ===") == len(RUNS) == out.count("=== after training ===")
+    assert out.count("effective batch 8 = 4 micro x 1 accumulation x 2 processes") == sft_runs
+    assert out.count("effective batch 8 pairs = 4 micro x 1 accumulation x 2 processes") == len(RUNS) - sft_runs
+    for scenario in RUNS:
+        if scenario.startswith("dpo"):
+            continue
+        summary = json.loads((runs_dir / "two" / scenario / "summary.json").read_text())
+        assert len(summary["answers_before"]) == len(summary["answers_after"]) == 4
+    assert not list((runs_dir / "two" / "lora").glob(".prepared*"))  # the shared data folder is cleaned up
