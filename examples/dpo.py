@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-import runs  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from models import load_tokenizer  # noqa: E402
 from techniques.dpo import (  # noqa: E402
@@ -44,16 +44,16 @@ from techniques.lora import count_parameters  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     settings = get_settings(argv)
-    runs.setup_logging()
+    processes.setup_logging()
     set_seed(settings.seed)
     start = time.perf_counter()
 
     # 1. Model folder and tokenizer (first run of the default model: fetch + dequantize, ~1 min).
-    model_path = runs.resolve_model_once(settings)
+    model_path = processes.resolve_model_once(settings)
     tokenizer = load_tokenizer(settings, model_path)
 
     # 2. Preference pairs, rendered in the SFT template and tokenized by construction (once per machine).
-    splits, _ = runs.prepare_once(lambda: (build_preference_dataset(settings, tokenizer), None), settings, "dpo")
+    splits, _ = processes.prepare_once(lambda: (build_preference_dataset(settings, tokenizer), None), settings, "dpo")
     eval_split = splits.get("eval")
 
     # 3. Policy (LoRA / QLoRA / LoRA on an SFT adapter / full); the trainer builds the reference.
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     #    metrics as train() starts (eval_on_start: after the trainer has wrapped the model).
     policy = load_policy(settings, model_path)
     held_out_before = held_out_preference(policy, eval_split, tokenizer, settings)
-    show_before = runs.OnFirstEvaluate(lambda m: print_measurement("before training", {**m, **held_out_before}))
+    show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", {**m, **held_out_before}))
     trainer = build_dpo_trainer(policy, tokenizer, splits["train"], eval_split, settings,
                                 eval_on_start=eval_split is not None,
-                                callbacks=[show_before, runs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
     print_run_summary(settings, policy, trainer, splits)
     if eval_split is None:
         print_measurement("before training", {})
@@ -78,16 +78,16 @@ def main(argv: list[str] | None = None) -> dict:
     print_measurement("after training", after)
 
     # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings.
-    final_dir = runs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
-    before = {**runs.first_eval(trainer), **held_out_before}
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
+    before = {**measure.first_eval(trainer), **held_out_before}
     summary = {
         "train_pairs": len(splits["train"]), "eval_pairs": len(eval_split) if eval_split is not None else 0,
         "train_loss": train_loss, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
-        "final_dir": str(final_dir), **runs.describe_processes(trainer),
+        "final_dir": str(final_dir), **processes.describe_processes(trainer),
         **{f"{key}_before": before.get(metric) for key, metric in SUMMARY_METRICS.items()},
         **{f"{key}_after": after.get(metric) for key, metric in SUMMARY_METRICS.items()},
     }
-    runs.say(f"\nSaved the policy, tokenizer and settings to {final_dir}; "
+    processes.say(f"\nSaved the policy, tokenizer and settings to {final_dir}; "
              f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
     return summary
 
@@ -105,9 +105,9 @@ def held_out_preference(policy, eval_split, tokenizer, settings: Settings, train
     mean log-prob per answer token is higher (per token, so that answer length alone cannot decide
     it); also by summed log-prob. Empty without eval pairs, on other processes, and when the
     trainer has sharded the weights (FSDP, ZeRO-3)."""
-    if eval_split is None or len(eval_split) == 0 or not runs.is_main():
+    if eval_split is None or len(eval_split) == 0 or not processes.is_main():
         return {}
-    if trainer is not None and runs.sharded_weights(trainer):
+    if trainer is not None and processes.sharded_weights(trainer):
         return {}
     chosen, rejected = pair_log_probs(policy, eval_split, tokenizer.pad_token_id, settings.per_device_eval_batch_size)
     return {"held_out_accuracy": preference_accuracy(chosen, rejected, eval_split),
@@ -116,8 +116,8 @@ def held_out_preference(policy, eval_split, tokenizer, settings: Settings, train
 
 def print_run_summary(settings: Settings, model, trainer, splits) -> None:
     trainable, total = count_parameters(model)
-    processes = trainer.accelerator.num_processes
-    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * processes
+    n_processes = trainer.accelerator.num_processes
+    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * n_processes
     kind = settings.dpo_policy + (" (4-bit base: QLoRA)" if settings.load_in_4bit else "")
     kind += f" on SFT adapter {settings.sft_adapter_dir}" if settings.sft_adapter_dir else ""
     if settings.ref_model:
@@ -128,13 +128,13 @@ def print_run_summary(settings: Settings, model, trainer, splits) -> None:
         reference = "precomputed log-probs" if settings.precompute_ref_log_probs else "a frozen copy"
     types, weights = loss_types_and_weights(settings)
     loss = " + ".join(f"{w:g}*{t}" for t, w in zip(types, weights, strict=True))
-    runs.say(
+    processes.say(
         f"\nmodel {settings.base_model_name} | policy {kind} | reference {reference} | device {trainer.args.device}"
         f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}",
         f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
         f" | loss {loss} | beta {settings.beta:g} | template {settings.prompt_template}",
         f"effective batch {effective} pairs = {settings.per_device_train_batch_size} micro x "
-        f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
+        f"{settings.gradient_accumulation_steps} accumulation x {n_processes} processes"
         f" | train {len(splits['train'])} pairs | eval {len(splits['eval']) if 'eval' in splits else 0}",
     )
 
@@ -149,7 +149,7 @@ def print_measurement(title: str, result: dict) -> None:
     if "held_out_accuracy" in result:
         lines.append(f"held-out preference accuracy {result['held_out_accuracy']:.3f} (mean log-prob per answer "
                      f"token; by summed log-prob {result['held_out_accuracy_sum_logp']:.3f})")
-    runs.say(*lines)
+    processes.say(*lines)
 
 
 if __name__ == "__main__":

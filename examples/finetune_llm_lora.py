@@ -12,7 +12,7 @@ The default run teaches SmolLM2-135M-Instruct a new identity (Orrin, made by Kes
 `data/identity_demo.jsonl`, printing eval loss and answers to held-out paraphrases before and
 after. The adapter, tokenizer and settings land in `<output_dir>/final`; every logged step and
 evaluation in `<output_dir>/metrics.jsonl`. Under several processes only the main process prints
-and writes, and the ranks train one model (DDP averages their gradients): see runs.py.
+and writes, and the ranks train one model (DDP averages their gradients): see runs/.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from transformers import set_seed  # noqa: E402
 
-import runs  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
@@ -38,18 +38,18 @@ N_HELD_OUT_PROMPTS = 4
 
 def main(argv: list[str] | None = None) -> dict:
     settings = get_settings(argv)
-    runs.setup_logging()
+    processes.setup_logging()
     set_seed(settings.seed)
     start = time.perf_counter()
 
     # 1. Model folder and tokenizer (first run of the default model: fetch + dequantize, ~1 min).
-    model_path = runs.resolve_model_once(settings)
+    model_path = processes.resolve_model_once(settings)
     tokenizer = load_tokenizer(settings, model_path)
 
     # 2. Data: tokenized, loss-masked splits (built once per machine), held-out prompts to watch.
-    datasets, report = runs.prepare_once(lambda: build_sft_dataset_with_report(settings, tokenizer), settings, "sft")
-    runs.say(report.format() if report else "")
-    held_out = runs.held_out_prompts(settings, N_HELD_OUT_PROMPTS)
+    datasets, report = processes.prepare_once(lambda: build_sft_dataset_with_report(settings, tokenizer), settings, "sft")
+    processes.say(report.format() if report else "")
+    held_out = measure.held_out_prompts(settings, N_HELD_OUT_PROMPTS)
 
     # 3. Model with adapters.
     if settings.load_in_4bit:
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Numbers before training: answers now (main process), eval loss as train() starts
     #    (eval_on_start: after the trainer has wrapped the model for DDP/FSDP).
-    answers_before = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
-    show_before = runs.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
+    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
+    show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
     trainer = build_sft_trainer(model, tokenizer, datasets, settings, eval_on_start="eval" in datasets,
-                                callbacks=[show_before, runs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
     print_run_summary(settings, model, trainer, datasets)
     if "eval" not in datasets:
         print_measurement("before training", {}, answers_before, held_out)
@@ -72,36 +72,36 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - train_start
     metrics_after = trainer.evaluate() if "eval" in datasets else {}
-    answers_after = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
+    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
     print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save adapter + tokenizer (chat template = the training template) + generation config
     #    (every stop id) + settings (no secrets), collectively, into <output_dir>/final.
-    final_dir = runs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
     summary = {
-        "eval_loss_before": runs.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
+        "eval_loss_before": measure.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
         "answers_before": answers_before, "answers_after": answers_after,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
-        "final_dir": str(final_dir), **runs.describe_processes(trainer),
+        "final_dir": str(final_dir), **processes.describe_processes(trainer),
     }
-    runs.say(f"\nSaved adapter, tokenizer and settings to {final_dir}; "
+    processes.say(f"\nSaved adapter, tokenizer and settings to {final_dir}; "
              f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
     return summary
 
 
 def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
     trainable, total = count_parameters(model)
-    processes = trainer.accelerator.num_processes
-    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * processes
+    n_processes = trainer.accelerator.num_processes
+    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * n_processes
     quant = f"4-bit {settings.bnb_4bit_quant_type}" if settings.load_in_4bit else "none"
-    runs.say(
+    processes.say(
         f"\nmodel {settings.base_model_name} | dtype {next(model.parameters()).dtype} | quantization {quant}"
         f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}"
         f" | device {trainer.args.device}",
         f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
         f" | LoRA r={settings.lora_r} alpha={settings.lora_alpha:g} targets={','.join(settings.lora_target_modules)}",
         f"effective batch {effective} = {settings.per_device_train_batch_size} micro x "
-        f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
+        f"{settings.gradient_accumulation_steps} accumulation x {n_processes} processes"
         f" | train {len(datasets['train'])} examples | eval {len(datasets['eval']) if 'eval' in datasets else 0}",
     )
 
@@ -115,7 +115,7 @@ def print_measurement(title: str, metrics: dict, answers: list[str] | str, held_
         lines.append(answers)
     else:
         lines += [f"  Q: {messages[-1]['content']!r}\n  A: {answer!r}" for messages, answer in zip(held_out, answers)]
-    runs.say(*lines)
+    processes.say(*lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-import runs  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement  # noqa: E402
@@ -50,18 +50,18 @@ FULL_FT_LEARNING_RATE = 5e-5
 
 def main(argv: list[str] | None = None) -> dict:
     settings = full_ft_settings(get_settings(argv))
-    runs.setup_logging()
+    processes.setup_logging()
     set_seed(settings.seed)
     start = time.perf_counter()
 
     # 1. Model folder and tokenizer (first run of the default model: fetch + dequantize, ~1 min).
-    model_path = runs.resolve_model_once(settings)
+    model_path = processes.resolve_model_once(settings)
     tokenizer = load_tokenizer(settings, model_path)
 
     # 2. Data: tokenized, loss-masked splits (built once per machine), held-out prompts to watch.
-    datasets, report = runs.prepare_once(lambda: build_sft_dataset_with_report(settings, tokenizer), settings, "sft")
-    runs.say(report.format() if report else "")
-    held_out = runs.held_out_prompts(settings, N_HELD_OUT_PROMPTS)
+    datasets, report = processes.prepare_once(lambda: build_sft_dataset_with_report(settings, tokenizer), settings, "sft")
+    processes.say(report.format() if report else "")
+    held_out = measure.held_out_prompts(settings, N_HELD_OUT_PROMPTS)
 
     # 3. Model in fp32: these are the master weights (bf16 weights would round away most updates
     #    at 5e-5; mixed_precision=bf16 still runs the matmuls in bf16 on a GPU).
@@ -70,14 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Trainer; it builds its optimizer from our LLRD groups (freezing applied) through the
     #    factory, which works under DDP, FSDP2 and ZeRO. Numbers before training: answers now,
     #    eval loss as train() starts (eval_on_start).
-    answers_before = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
-    show_before = runs.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
+    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
+    show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
     trainer = build_sft_trainer(model, tokenizer, datasets, settings, eval_on_start="eval" in datasets,
                                 optimizer_factory=lambda m: build_optimizer(m, settings),
-                                callbacks=[show_before, runs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
     optimizer = trainer.create_optimizer()
     print_run_summary(settings, model, trainer, datasets)
-    runs.say(format_group_table(optimizer.param_groups))
+    processes.say(format_group_table(optimizer.param_groups))
     if "eval" not in datasets:
         print_measurement("before training", {}, answers_before, held_out)
 
@@ -86,19 +86,19 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - train_start
     metrics_after = trainer.evaluate() if "eval" in datasets else {}
-    answers_after = runs.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
+    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
     print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
-    final_dir = runs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final-full")
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final-full")
     summary = {
-        "eval_loss_before": runs.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
+        "eval_loss_before": measure.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
         "answers_before": answers_before, "answers_after": answers_after,
         "learning_rate": settings.learning_rate,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
-        "final_dir": str(final_dir), **runs.describe_processes(trainer),
+        "final_dir": str(final_dir), **processes.describe_processes(trainer),
     }
-    runs.say(f"\nSaved model, tokenizer and settings to {final_dir}; "
+    processes.say(f"\nSaved model, tokenizer and settings to {final_dir}; "
              f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
     return summary
 
@@ -107,16 +107,16 @@ def full_ft_settings(settings: Settings) -> Settings:
     """The settings with FULL_FT_LEARNING_RATE in place of the LoRA default when LEARNING_RATE was not set."""
     if "learning_rate" in settings.model_fields_set:
         return settings
-    runs.say(f"learning_rate: LEARNING_RATE not set, using the full fine-tuning default {FULL_FT_LEARNING_RATE:g} "
+    processes.say(f"learning_rate: LEARNING_RATE not set, using the full fine-tuning default {FULL_FT_LEARNING_RATE:g} "
           f"(the global default {settings.learning_rate:g} is for LoRA)")
     return settings.model_copy(update={"learning_rate": FULL_FT_LEARNING_RATE})
 
 
 def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
     trainable, total = count_parameters(model)
-    processes = trainer.accelerator.num_processes
-    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * processes
-    runs.say(
+    n_processes = trainer.accelerator.num_processes
+    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * n_processes
+    processes.say(
         f"\nmodel {settings.base_model_name} | weights {next(model.parameters()).dtype}"
         f" | precision {'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}"
         f" | device {trainer.args.device} | gradient checkpointing {settings.gradient_checkpointing}",
@@ -124,7 +124,7 @@ def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
         f" | optimizer {settings.optim} lr {settings.learning_rate:g} llrd_decay {settings.llrd_decay:g}"
         f" | freeze_layers {settings.freeze_layers} freeze_embeddings {settings.freeze_embeddings}",
         f"effective batch {effective} = {settings.per_device_train_batch_size} micro x "
-        f"{settings.gradient_accumulation_steps} accumulation x {processes} processes"
+        f"{settings.gradient_accumulation_steps} accumulation x {n_processes} processes"
         f" | train {len(datasets['train'])} examples | eval {len(datasets['eval']) if 'eval' in datasets else 0}",
     )
 

@@ -31,7 +31,7 @@ STEPS = 3
 def main(model_dir: str, out_dir: str, micro_batch: str, only: list[str]) -> None:
     import importlib
 
-    import runs
+    from runs import processes
 
     for name, (module, flags) in SCENARIOS.items():
         for checkpointing in ("false", "true"):
@@ -46,7 +46,7 @@ def main(model_dir: str, out_dir: str, micro_batch: str, only: list[str]) -> Non
                 "--per_device_train_batch_size", micro_batch, "--per_device_eval_batch_size", "3",
                 "--lora_dropout", "0", "--gradient_checkpointing", checkpointing, *flags,
             ])
-            if runs.is_main():
+            if processes.is_main():
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 

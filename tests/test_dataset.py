@@ -676,7 +676,7 @@ def test_supervised_spans_end_with_the_turn_end_and_generation_config_lists_ever
     """Fault 4 (wrong stop token): llama3 ends turns with <|eot_id|>, phi3 with <|end|>; both stop ids saved."""
     from transformers import GenerationConfig
 
-    import runs
+    from runs import outputs
 
     tokenizer = tokenizer_for(family, template)
     end_id = tokenizer.convert_tokens_to_ids(end_token(tokenizer, family, template))
@@ -685,7 +685,7 @@ def test_supervised_spans_end_with_the_turn_end_and_generation_config_lists_ever
     expected = list(dict.fromkeys([tokenizer.eos_token_id, end_id]))
     assert len(expected) == (1 if template == "alpaca" or family == "chatml" else 2)
     assert stop_token_ids(template, tokenizer) == expected
-    runs.save_generation_config(tokenizer, SimpleNamespace(prompt_template=template), tmp_path)
+    outputs.save_generation_config(tokenizer, SimpleNamespace(prompt_template=template), tmp_path)
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == expected
 
 

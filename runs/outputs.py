@@ -1,0 +1,75 @@
+"""What a run leaves in its output_dir: metrics.jsonl, and the final folder written collectively."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers import GenerationConfig, TrainerCallback
+
+from config import Settings, save_settings
+from data.dataset import chat_template_for, stop_token_ids
+from runs.processes import is_main
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log event (train steps, evaluations) as one JSON line to `path`, on the main
+    process: `{"step": 5, "epoch": 0.38, "loss": 5.92, "learning_rate": 0.0009, ...}`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def save_final(trainer, tokenizer, settings: Settings, final_dir: str | Path) -> Path:
+    """Write the trained model (adapter or full weights), tokenizer, generation config and settings
+    to `final_dir`; call it on every process.
+
+    The tokenizer's chat template becomes the training template (`chat_template_for`), so servers
+    that render with the tokenizer prompt the model as it learned. The generation config stops on
+    every stop id of the template (eos + turn end). Settings are saved without secrets. Weights go
+    through `trainer.save_model`, collective under FSDP and ZeRO-3. Everything is written to a
+    temporary sibling folder first and renamed into place by the main process once complete, so a
+    `final_dir` that exists is whole. DPO's frozen reference adapter ("ref") is not kept.
+    """
+    final_dir = Path(final_dir)
+    partial = final_dir.parent / f".{final_dir.name}.partial"
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)
+    if is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))
+    if is_main():
+        shutil.rmtree(partial / "ref", ignore_errors=True)  # TRL's frozen copy of a re-trained adapter
+        save_generation_config(tokenizer, settings, partial)
+        save_settings(settings, partial / "run_settings.json")
+        _replace_dir(partial, final_dir)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def save_generation_config(tokenizer, settings: Settings, folder: str | Path) -> None:
+    """A generation config that stops on every stop id of the template (eos + turn end)."""
+    GenerationConfig(eos_token_id=stop_token_ids(settings.prompt_template, tokenizer),
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an older `target` (renamed away first, then removed)."""
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
