@@ -127,12 +127,21 @@ class TrainingSettings(BaseModel):
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only before and after training.")
     save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps; 0 = only the final model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Peak FLOP/s of one device for the MFU in the logs; empty = the GPU's datasheet "
+        "figure, or a short matmul measurement on a CPU.",
+    )
     mixed_precision: Literal["bf16", "fp16", "no"] = Field(
         "bf16",
         description="bf16, fp16 or no. On a CPU run this falls back to no (fp32) with a warning; "
         "bf16 on a GPU without bf16 support is an error.",
     )
 
+
+    @field_validator("peak_flops", mode="before")
+    @classmethod
+    def _empty_flops_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("max_steps")
     @classmethod

@@ -79,6 +79,7 @@ from data.dataset import (
 from models import load_model
 from techniques.lora import apply_lora
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
+from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, trainer_arguments
 
 log = logging.getLogger(__name__)
@@ -381,7 +382,7 @@ def dpo_config(settings: Settings, **overrides) -> DPOConfig:
     return DPOConfig(**args)
 
 
-class PreTokenizedDPOTrainer(ExactEvalMixin, DPOTrainer):
+class PreTokenizedDPOTrainer(ThroughputMixin, ExactEvalMixin, DPOTrainer):
     """`DPOTrainer` over rows that already hold prompt_ids / chosen_ids / rejected_ids, with eval
     metrics weighted by pairs and DDP-safe training (`techniques.training.ExactEvalMixin`).
 
@@ -397,6 +398,13 @@ class PreTokenizedDPOTrainer(ExactEvalMixin, DPOTrainer):
     def eval_weight(self, inputs: dict) -> int:
         """Pairs in the batch: the collator stacks the chosen rows, then the rejected rows."""
         return inputs["input_ids"].shape[0] // 2
+
+    def flops_reference(self):
+        """The reference's forward pass, for the FLOPs count: none when its log-probs were
+        precomputed, the frozen model when there is one, else the policy with its adapter off."""
+        if self.precompute_ref_logps:
+            return None
+        return self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
@@ -430,6 +438,7 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: S
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.peak_flops_setting = settings.peak_flops
     if settings.load_in_4bit:
         # TRL casts the trainable adapter of a quantized model to bf16 (the QLoRA paper's GPU recipe),
         # after copying a re-trained adapter into "ref". Restore it from that exact copy, both in the

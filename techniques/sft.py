@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from config import Settings
 from techniques.qlora import adapter_dtype_kept
+from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, trainer_arguments
 
 
@@ -51,9 +52,10 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     return SFTConfig(**args)
 
 
-class Trainer(ExactEvalMixin, SFTTrainer):
+class Trainer(ThroughputMixin, ExactEvalMixin, SFTTrainer):
     """TRL's `SFTTrainer` with exact eval figures and DDP-safe training (`techniques.training`),
-    and optionally an optimizer built by `optimizer_factory(model)` when the trainer needs one.
+    speed figures in every log (`techniques.throughput`), and optionally an optimizer built by
+    `optimizer_factory(model)` when the trainer needs one.
 
     The factory is how full fine-tuning hands its LLRD parameter groups over: the trainer calls it
     at the point where it would build its own AdamW (before FSDP2 shards the parameters, which
@@ -61,8 +63,8 @@ class Trainer(ExactEvalMixin, SFTTrainer):
     works where a pre-built optimizer is refused (FSDP).
     """
 
-    def __init__(self, *args, optimizer_factory=None, **kwargs):
-        self.optimizer_factory = optimizer_factory
+    def __init__(self, *args, optimizer_factory=None, peak_flops=None, **kwargs):
+        self.optimizer_factory, self.peak_flops_setting = optimizer_factory, peak_flops
         super().__init__(*args, **kwargs)
 
     def eval_weight(self, inputs: dict) -> int:
@@ -114,6 +116,7 @@ def build_sft_trainer(
             optimizers=optimizers or (None, None),
             optimizer_factory=optimizer_factory,
             callbacks=callbacks,
+            peak_flops=settings.peak_flops,
         )
 
 
