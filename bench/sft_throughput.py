@@ -1,0 +1,346 @@
+"""Supervised tokens/s of our SFT against TRL's SFTTrainer on the same work: one run, side by side.
+
+    python bench/sft_throughput.py             # every row and the scaling rows (2 CPU cores: ~30 min)
+    python bench/sft_throughput.py --quick     # fewer steps, scaling at two lengths (2 CPU cores: < 5 min)
+    python bench/sft_throughput.py --rows c,d --steps 8   # some rows only (ratios need a and b)
+
+Rows, each trained in a fresh process (so peak memory is its own) for `--warmup` + `--steps`
+optimizer steps on the default model with the Alpaca demo data (alpaca template, max_seq_length
+512, micro batch 8, LoRA r16 alpha 32 all-linear, the same learning rate everywhere):
+
+    a  TRL SFTTrainer with its defaults: prompt/completion records, peft_config, use_cpu on a CPU
+       (TRL then trains in bf16 autocast with gradient checkpointing)
+    b  TRL at its best here: the fastest of its own options (packing / padding-free, gradient
+       checkpointing off, bf16 or not, length-grouped batches); every variant tried is a row b:...
+    c  our LoRA SFT with our defaults        d  our QLoRA        e  our full fine-tune (LLRD)
+
+Only the `--steps` steps after the warm-up are timed (the optimizer steps themselves: a callback
+clocks each one). Supervised tokens are counted from every batch the collator makes, the same way
+for every row; MFU uses `techniques.throughput` (FLOPs per token and peak FLOP/s of this machine).
+"loss" is the mean training loss per supervised token over the timed steps: speed must not come
+from training on fewer or other tokens, so `supervised_tokens` is printed too. The scaling rows
+time b (packed) and c (packed) at max_seq_length 256 ... 2048.
+
+Writes bench/results.json (rows with name, supervised_tokens_per_s, ratio_vs_trl_default,
+ratio_vs_trl_tuned, mfu, peak_mem_gib, loss, ...; the machine, threads and versions) and
+bench/results.png. This is a benchmark, not a test: ratios come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATA = REPO.parent / "shared" / "datasets" / "llamafactory" / "alpaca_en_demo.json"
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # TRL docs' LoRA example
+LEARNING_RATE = 2e-4
+# TRL's own options on top of its defaults: name -> SFTConfig keywords
+TRL_VARIANTS = {
+    "no-checkpointing": dict(gradient_checkpointing=False),
+    "no-checkpointing,fp32": dict(gradient_checkpointing=False, bf16=False),
+    "no-checkpointing,group_by_length": dict(gradient_checkpointing=False, train_sampling_strategy="group_by_length"),
+    "no-checkpointing,padding_free": dict(gradient_checkpointing=False, padding_free=True),
+    "no-checkpointing,packing": dict(gradient_checkpointing=False, packing=True),
+}
+QUICK_TRL_VARIANT = "no-checkpointing,group_by_length"  # the fastest in full runs here (see the README)
+SCALING_LENGTHS = (256, 512, 1024, 2048)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        result = run_row(args.worker, args)
+        Path(args.json).write_text(json.dumps(result))
+        return
+    rows = args.rows.split(",") if args.rows else ["a", "b", "c", "d", "e"]
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 3), 1
+    specs = []
+    for row in rows:
+        if row == "b":
+            variants = [QUICK_TRL_VARIANT] if args.quick else list(TRL_VARIANTS)
+            specs += [f"b:{variant}" for variant in variants]
+        else:
+            specs.append(row)
+    if args.scaling and "b" in rows and "c" in rows:
+        lengths = SCALING_LENGTHS[:2] if args.quick else SCALING_LENGTHS
+        specs += [f"{row}@{n}" for n in lengths for row in ("b:no-checkpointing,packing", "c:packing")]
+    results = [run_in_subprocess(spec, args) for spec in specs]
+    table = summarize(results)
+    print(format_table(table))
+    out = {"machine": machine(), "settings": {"steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+                                              "max_seq_length": args.max_seq_length, "learning_rate": LEARNING_RATE,
+                                              "lora": LORA, "data": str(DATA)},
+           "rows": table}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    plot(table, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, scaling at two lengths")
+    parser.add_argument("--rows", default="", help="comma-separated rows (a,b,c,d,e); default all")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    parser.add_argument("--batch", type=int, default=8, help="micro batch size")
+    parser.add_argument("--max_seq_length", type=int, default=512)
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the scaling rows")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def run_in_subprocess(spec: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        command = [sys.executable, __file__, "--worker", spec, "--json", str(out), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--max_seq_length", str(args.max_seq_length)]
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"row {spec} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            return {"name": spec, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        result = json.loads(out.read_text())
+        print(f"{spec}: {result['supervised_tokens_per_s']:.1f} supervised tokens/s ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+        return result
+
+
+# ---------------------------------------------------------------- one row, in its own process
+
+
+def run_row(spec: str, args: argparse.Namespace) -> dict:
+    """Train the row `spec` ("a", "b:<variant>", "c", "d", "e", "c:packing"; "@N" = max_seq_length N)."""
+    import torch
+    from transformers import set_seed
+
+    from techniques import throughput
+
+    name, _, length = spec.partition("@")
+    max_seq_length = int(length) if length else args.max_seq_length
+    set_seed(0)
+    records = json.loads(DATA.read_text())
+    total_steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_row(name, records, max_seq_length, total_steps, args.batch, Path(tmp))
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+        clock = StepClock()
+        trainer.add_callback(clock)
+        trainer.train()
+    timed = slice(args.warmup, total_steps)
+    counts, seconds = counter.counts[timed], clock.seconds[timed]
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row][timed]
+    tokens, supervised, squared = (sum(c[i] for c in counts) for i in range(3))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    flops = throughput.flops_per_token(model).step_flops(tokens, supervised, squared)
+    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float32
+    peak = throughput.peak_flops(trainer.args.device, dtype)
+    return {
+        "name": spec, "max_seq_length": max_seq_length, "steps": len(seconds), "seconds": sum(seconds),
+        "tokens": tokens, "supervised_tokens": supervised,
+        "supervised_tokens_per_s": supervised / sum(seconds), "tokens_per_s": tokens / sum(seconds),
+        "mfu": flops / sum(seconds) / peak if peak else None, "matmul_dtype": str(dtype).removeprefix("torch."),
+        "peak_flops": peak, "peak_mem_gib": throughput.peak_memory_gib(trainer.args.device),
+        "weight_bytes_per_param": weight_bytes_per_param(model),
+        "loss": sum(loss * c[1] for loss, c in zip(losses, counts, strict=True)) / supervised,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+    }
+
+
+class CountingCollator:
+    """The trainer's collator, counting (tokens, supervised tokens, sum of squared lengths) per batch."""
+
+    def __init__(self, inner):
+        self.inner, self.counts = inner, []
+
+    def __call__(self, examples):
+        from techniques.throughput import batch_token_counts
+
+        batch = self.inner(examples)
+        self.counts.append(batch_token_counts(batch))
+        return batch
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimizer step: forward, backward and the optimizer's step."""
+
+    def __init__(self):
+        self.seconds, self.start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def build_row(name: str, records: list[dict], max_seq_length: int, steps: int, batch: int, tmp: Path):
+    if name == "a" or name.startswith("b:"):
+        return trl_trainer(TRL_VARIANTS.get(name.partition(":")[2], {}), records, max_seq_length, steps, batch, tmp)
+    return our_trainer(name, records, max_seq_length, steps, batch, tmp)
+
+
+def trl_trainer(variant: dict, records, max_seq_length, steps, batch, tmp):
+    """TRL as its docs show it: prompt/completion records, a model, a LoRA peft_config."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from config import get_settings
+    from data.dataset import render, to_messages
+    from models import resolve_model_path
+
+    path = resolve_model_path(get_settings([], env_file=None))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for record in records:
+        messages = to_messages(record)
+        rows.append({"prompt": render(messages[:-1], "alpaca", tokenizer, add_generation_prompt=True),
+                     "completion": messages[-1]["content"]})
+    config = SFTConfig(output_dir=str(tmp), use_cpu=not torch.cuda.is_available(), max_length=max_seq_length,
+                       per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+                       logging_steps=1, save_strategy="no", report_to="none", seed=0, **variant)
+    return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+
+
+def our_trainer(name: str, records, max_seq_length, steps, batch, tmp):
+    """Our recipe as the example scripts run it, with our defaults."""
+    import torch
+
+    from config import get_settings
+    from data.dataset import build_sft_dataset_with_report
+    from models import load_model, load_tokenizer, resolve_model_path
+    from techniques.full_finetune import build_optimizer
+    from techniques.lora import apply_lora
+    from techniques.qlora import apply_qlora, load_4bit_model
+    from techniques.sft import build_sft_trainer
+
+    data_file = tmp / "data.json"
+    data_file.write_text(json.dumps(records))
+    row, _, option = name.partition(":")
+    flags = ["--dataset_path", str(data_file), "--eval_split_size", "0", "--max_seq_length", str(max_seq_length),
+             "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", "1",
+             "--output_dir", str(tmp / "out"), "--seed", "0", "--learning_rate", str(LEARNING_RATE if row != "e" else 5e-5),
+             "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"])]
+    if option == "packing":
+        flags += ["--packing", "true"]
+    if row == "d":
+        flags += ["--load_in_4bit", "true"]
+    settings = get_settings(flags, env_file=None)
+    path = resolve_model_path(settings)
+    tokenizer = load_tokenizer(settings, path)
+    data, _ = build_sft_dataset_with_report(settings, tokenizer)
+    if row == "e":
+        model = load_model(settings, path, dtype=torch.float32)
+        return build_sft_trainer(model, tokenizer, data, settings, optimizer_factory=lambda m: build_optimizer(m, settings))
+    model = apply_qlora(load_4bit_model(settings, path), settings) if row == "d" else apply_lora(load_model(settings, path), settings)
+    return build_sft_trainer(model, tokenizer, data, settings)
+
+
+def weight_bytes_per_param(model) -> float:
+    """Bytes of every parameter and buffer / parameter count (a 4-bit weight counts 2 per byte)."""
+    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    count = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
+    return nbytes / count
+
+
+# ---------------------------------------------------------------- the table
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mark the fastest TRL variant as b and add the ratios to a and to b."""
+    ok = [r for r in results if "error" not in r]
+    default = next((r for r in ok if r["name"] == "a"), None)
+    variants = [r for r in ok if r["name"].startswith("b:") and "@" not in r["name"]]
+    tuned = max(variants, key=lambda r: r["supervised_tokens_per_s"], default=None)
+    for r in ok:
+        r["ratio_vs_trl_default"] = r["supervised_tokens_per_s"] / default["supervised_tokens_per_s"] if default else None
+        r["ratio_vs_trl_tuned"] = r["supervised_tokens_per_s"] / tuned["supervised_tokens_per_s"] if tuned else None
+        r["trl_tuned"] = r is tuned
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'row':<44} {'sup tok/s':>9} {'vs a':>6} {'vs b':>6} {'MFU':>6} {'peak GiB':>8} {'B/param':>7} {'loss':>7} {'sup tokens':>10}"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<44} failed: {r['error']}")
+            continue
+        label = r["name"] + (" (= b)" if r.get("trl_tuned") else "")
+        ratio = lambda x: f"{x:6.2f}" if x is not None else "     -"  # noqa: E731
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
+        lines.append(f"{label:<44} {r['supervised_tokens_per_s']:9.1f} {ratio(r['ratio_vs_trl_default'])} "
+                     f"{ratio(r['ratio_vs_trl_tuned'])} {mfu} {r['peak_mem_gib']:8.2f} {r['weight_bytes_per_param']:7.2f} "
+                     f"{r['loss']:7.4f} {r['supervised_tokens']:10d}")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    from techniques.throughput import _cpu_model
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main_rows = [r for r in rows if "error" not in r and "@" not in r["name"]]
+    scaling = [r for r in rows if "error" not in r and "@" in r["name"]]
+    fig, axes = plt.subplots(1, 2 if scaling else 1, figsize=(13 if scaling else 8, 5), squeeze=False)
+    ax = axes[0][0]
+    names = [r["name"] + (" (b)" if r.get("trl_tuned") else "") for r in main_rows]
+    values = [r["supervised_tokens_per_s"] for r in main_rows]
+    colors = ["#888888" if r["name"] == "a" or r["name"].startswith("b:") else "#2b7bba" for r in main_rows]
+    bars = ax.barh(names, values, color=colors)
+    for bar, r in zip(bars, main_rows, strict=True):
+        note = f" {r['ratio_vs_trl_default']:.2f}x a" if r.get("ratio_vs_trl_default") else ""
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("supervised tokens per second (higher is faster)")
+    ax.set_title("SFT throughput, same data and steps (grey: TRL, blue: ours)")
+    if scaling:
+        ax = axes[0][1]
+        for prefix, label in (("b:", "TRL packed (b)"), ("c:", "ours packed (c)")):
+            points = sorted((r["max_seq_length"], r["supervised_tokens_per_s"]) for r in scaling if r["name"].startswith(prefix))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("max_seq_length (tokens per packed row)")
+        ax.set_ylabel("supervised tokens per second")
+        ax.set_title("cost of row length")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
