@@ -96,6 +96,35 @@ def make_tiny_tokenizer():
     )
 
 
+def make_tiny_llama_tokenizer():
+    """A Llama-2 style tokenizer (``LlamaTokenizer``: byte-fallback BPE over "▁"-marked text, as
+    SentencePiece models are stored in ``tokenizer.json``) with the same specials, ids and ChatML
+    template as ``make_tiny_tokenizer``. Its vocabulary is the specials, the 256 byte tokens and
+    single characters, without merges, so text is split into characters.
+
+    llama.cpp's converter reads this kind without a pre-tokenizer hash (its "llama" vocabulary); a
+    byte-level BPE is only accepted when the hash of its tokenization is one llama.cpp knows, which a
+    tokenizer trained for tests never is.
+    """
+    import string
+
+    from transformers import LlamaTokenizer
+
+    pieces = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)] + ["▁"]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    return LlamaTokenizer(
+        vocab={piece: i for i, piece in enumerate(pieces)},
+        merges=[],
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+        add_bos_token=False,
+    )
+
+
 def make_tiny_model_dir(
     tmp_path,
     tie_word_embeddings: bool = True,
@@ -103,6 +132,7 @@ def make_tiny_model_dir(
     *,
     name: str = "tiny-llama",
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
     """Write a tiny Llama causal LM and its tokenizer into ``tmp_path / name``; return that folder.
 
@@ -113,6 +143,7 @@ def make_tiny_model_dir(
             A larger value pads the matrix (as many real checkpoints do).
         name: sub-folder name, so one test can make several models.
         seed: torch seed for the weights; the global RNG state is left untouched.
+        tokenizer: the tokenizer to save (and size the model to); default ``make_tiny_tokenizer()``.
 
     The folder holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
     tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template). Deterministic:
@@ -126,7 +157,7 @@ def make_tiny_model_dir(
     out = Path(tmp_path) / name
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tiny_tokenizer()
     n_tokens = len(tokenizer)
     if vocab_size is None:
         vocab_size = n_tokens
