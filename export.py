@@ -221,6 +221,11 @@ def export_gguf(
         _check_logits(written, source, tokenizer, report)
         report.chat_template_bytes = len((tokenizer.chat_template or "").encode())
         os.replace(written, output)
+    if report.chat_template_bytes == 1024:
+        log.warning("the chat template is exactly 1,024 bytes: llama-cpp-python 0.3.36 reads such a metadata string one "
+                    "byte short (a TemplateSyntaxError on load); llama.cpp itself reads it whole")
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template: the GGUF has none, so llama.cpp and Ollama fall back to their own", model_dir)
     report.modelfile = write_modelfile(output, [tokenizer.decode([i]) for i in stops])
     report.seconds = time.monotonic() - started
     log.info("GGUF written: %s", report.summary())
