@@ -54,10 +54,11 @@ CONVERTER_TIMEOUT_S = 1800  # a 7B model in f16 takes minutes; a hung converter 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 # Round-trip check, unquantized types: max |logit diff| <= tolerance * max(1, largest |logit|) of the
-# probe. Measured on SmolLM2-135M (|logits| ~TODO): f32 TODO, f16 TODO, bf16 TODO x the largest |logit|.
-GGUF_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2}
+# probe. Measured on SmolLM2-135M (fp32 source, largest |logit| 39): f32 0, f16 0.041 (1.0e-3 x),
+# bf16 0.27 (7.0e-3 x); a 2-layer, 32-wide test model: f16 1.6e-4 with |logits| < 1.
+GGUF_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 3e-2}
 # Quantized types: share of probe positions whose top-1 token equals the source's. Measured on
-# SmolLM2-135M: q8_0 TODO.
+# SmolLM2-135M: q8_0 97.7% (86 of 88; f16 100%, bf16 98.9%). k-quants: not measured here (no llama-quantize).
 GGUF_MIN_TOP1 = {"q8_0": 0.9, **{q: 0.7 for q in K_QUANTS}}
 # The fixed probe: one conversation rendered with the model's own chat template (so template and
 # special tokens are exercised), plus the last 8 ids of the vocabulary, where added tokens live.

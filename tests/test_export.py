@@ -5,17 +5,21 @@ The converter is fetched once (pip download of the llama-cpp-python sdist, cache
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import export
 from export import check_gguf_metadata, export_gguf, export_lora_gguf, gguf_metadata
 from tests.test_merge import make_adapter_dir
 from tests.test_lora import logits
 from tests.tiny_model import CHATML_TEMPLATE, make_tiny_llama_tokenizer, make_tiny_model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import export_gguf as export_gguf_script  # noqa: E402
 
 def tiny_model_dir(parent):
     """A tiny Llama whose eos (<|endoftext|>, 0) differs from the ChatML turn end (<|im_end|>, 2),
@@ -27,17 +31,22 @@ def tiny_model_dir(parent):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A ChatML adapter on the tiny Llama, exported straight from its folder (merged first) to f16."""
+    """A ChatML adapter on the tiny Llama, exported straight from its folder (merged first) to f16 by
+    the README's "Deploy" Python block, run as written."""
     root = tmp_path_factory.mktemp("export")
     adapter_dir, adapter_model = make_adapter_dir(root, tiny_model_dir(root), "chatml", stop_ids=[0, 2])
     expected = logits(adapter_model)
-    report = export_gguf(adapter_dir, root / "tiny-f16.gguf", "f16")
-    return root, adapter_dir, expected, report
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("## Deploy"):].split("```python\n")[1].split("```")[0]
+    assert "export_gguf(" in block
+    namespace = {}
+    exec(compile(block.replace('"merged-model"', repr(str(adapter_dir))), "README.md", "exec"), namespace)
+    return root, adapter_dir, expected, namespace["report"]
 
 
 def test_export_from_an_adapter_answers_like_the_adapter_model(exported):
     root, _, expected, report = exported
-    gguf_model = AutoModelForCausalLM.from_pretrained(root, gguf_file="tiny-f16.gguf", dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(root, gguf_file="adapter-f16.gguf", dtype=torch.float32)
     got = logits(gguf_model)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-3  # f16 rounding of a 32-wide model: ~2e-4
@@ -47,7 +56,8 @@ def test_export_from_an_adapter_answers_like_the_adapter_model(exported):
 
 def test_gguf_holds_the_saved_chat_template_and_every_stop_id(exported):
     root, adapter_dir, _, report = exported
-    meta = gguf_metadata(root / "tiny-f16.gguf")
+    meta = gguf_metadata(root / "adapter-f16.gguf")
+    assert report.path == root / "adapter-f16.gguf"  # default name: <model_dir>-<outtype>.gguf
     saved = (adapter_dir / "chat_template.jinja").read_text()
     assert saved == CHATML_TEMPLATE and meta["tokenizer.chat_template"] == saved
     assert report.chat_template_bytes == len(saved.encode())
@@ -56,17 +66,17 @@ def test_gguf_holds_the_saved_chat_template_and_every_stop_id(exported):
     assert report.stop_ids == [0, 2]
     assert meta["general.file_type"] == 1  # MOSTLY_F16
     assert report.modelfile.read_text() == (
-        'FROM ./tiny-f16.gguf\nPARAMETER stop "<|endoftext|>"\nPARAMETER stop "<|im_end|>"\n')
+        'FROM ./adapter-f16.gguf\nPARAMETER stop "<|endoftext|>"\nPARAMETER stop "<|im_end|>"\n')
 
 
 def test_export_leaves_only_the_gguf_and_its_modelfile(exported):
     root, adapter_dir, _, _ = exported
     names = {p.name for p in root.iterdir()} - {"adapter-f32.gguf", "adapter-f32.jinja"}  # the LoRA test's
-    assert names == {adapter_dir.name, "tiny-llama", "tiny-f16.gguf", "tiny-f16.Modelfile"}
+    assert names == {adapter_dir.name, "tiny-llama", "adapter-f16.gguf", "adapter-f16.Modelfile"}
 
 
 def test_metadata_check_rejects_another_template_or_a_missing_stop_id(exported):
-    path = exported[0] / "tiny-f16.gguf"
+    path = exported[0] / "adapter-f16.gguf"
     with pytest.raises(ValueError, match="differs from the saved chat template"):
         check_gguf_metadata(path, CHATML_TEMPLATE + " ", [0, 2])
     with pytest.raises(ValueError, match=r"stop ids \[5\]"):
@@ -76,9 +86,9 @@ def test_metadata_check_rejects_another_template_or_a_missing_stop_id(exported):
 def test_a_failed_round_trip_check_leaves_no_file(tmp_path, monkeypatch):
     model_dir = tiny_model_dir(tmp_path)
     monkeypatch.setitem(export.GGUF_TOLERANCE, "f16", 1e-9)  # f16 rounding alone exceeds this
-    with pytest.raises(ValueError, match=r"max \|logit diff\|"):
-        export_gguf(model_dir, tmp_path / "out.gguf", "f16")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]
+    with pytest.raises(ValueError, match=r"the f16 GGUF differs from .*tiny-llama: max \|logit diff\| .* > 1e-09"):
+        export_gguf_script.main(["--model_dir", str(model_dir), "--outtype", "f16"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no .gguf, Modelfile or temp folder
 
 
 def test_k_quant_without_llama_quantize_says_what_to_do(tmp_path, monkeypatch):
