@@ -123,7 +123,7 @@ def llama_cpp_converter(cache_dir: str | os.PathLike | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix=f".{final.name}.partial-", dir=root) as tmp:
         download, out = Path(tmp) / "sdist", Path(tmp) / "converter"
         log.info("fetching llama.cpp's converter: pip download %s (sdist, 77 MB, once)", LLAMA_CPP_SDIST)
-        pip_download(LLAMA_CPP_SDIST, download, "--no-binary", ":all:")
+        pip_download(LLAMA_CPP_SDIST, download, "--no-binary", "llama-cpp-python")  # the sdist; build tools as wheels
         sdist = next(download.glob("*.tar.gz"))
         digest = _sha256(sdist)
         if digest != LLAMA_CPP_SDIST_SHA256:

@@ -16,6 +16,8 @@ Usage::
 
 ``write_tiny_gguf`` turns such a folder into an unquantized (F32) GGUF file
 written the way llama.cpp writes Llama checkpoints, for tests of GGUF input.
+``make_tiny_model_dir(tmp_path, tokenizer=make_tiny_llama_tokenizer())`` makes a
+folder that llama.cpp's own converter accepts, for tests of GGUF output.
 """
 
 from __future__ import annotations
