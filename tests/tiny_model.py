@@ -82,19 +82,25 @@ def _build_backend_tokenizer():
     return tok
 
 
+# What both tiny tokenizers share: the specials' roles, the ChatML template, no BOS added.
+_TOKENIZER_SETTINGS = dict(
+    bos_token=BOS_TOKEN,
+    eos_token=EOS_TOKEN,
+    pad_token=EOS_TOKEN,
+    unk_token=UNK_TOKEN,
+    chat_template=CHATML_TEMPLATE,
+    model_max_length=TINY_CONFIG["max_position_embeddings"],
+    add_bos_token=False,
+)
+
+
 def make_tiny_tokenizer():
     """A ``PreTrainedTokenizerFast``: bos ``<|im_start|>``, eos = pad ``<|im_end|>``, ChatML template."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=_build_backend_tokenizer(),
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=TINY_CONFIG["max_position_embeddings"],
-        add_bos_token=False,
+        **_TOKENIZER_SETTINGS,
     )
 
 
@@ -117,13 +123,7 @@ def make_tiny_llama_tokenizer():
     return LlamaTokenizer(
         vocab={piece: i for i, piece in enumerate(pieces)},
         merges=[],
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=TINY_CONFIG["max_position_embeddings"],
-        add_bos_token=False,
+        **_TOKENIZER_SETTINGS,
     )
 
 
