@@ -203,6 +203,7 @@ def export_gguf(
     output = Path(output) if output is not None else Path(f"{model_dir}-{outtype}.gguf")
     if output.exists():
         raise FileExistsError(f"{output} exists; choose a new --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
     converter = llama_cpp_converter(cache_dir)
 
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent.resolve()) as tmp:
@@ -424,6 +425,7 @@ def export_lora_gguf(
     output = Path(output) if output is not None else Path(f"{adapter_dir}-lora-{outtype}.gguf")
     if output.exists():
         raise FileExistsError(f"{output} exists; choose a new --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
     base = resolve_model_path(adapter_settings(adapter_dir, base_model_name=base_model_name))
     converter = llama_cpp_converter(cache_dir)
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
