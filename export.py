@@ -187,7 +187,7 @@ def export_gguf(
         ValueError: unknown outtype; the GGUF's chat template differs from the saved one; a stop id
             cannot be recorded; the logits differ beyond `GGUF_TOLERANCE` / `GGUF_MIN_TOP1`.
             Nothing is left behind.
-        FileExistsError: `output` exists.
+        FileExistsError: `output` exists.  FileNotFoundError: `model_dir` is neither kind of folder.
         RuntimeError: a k-quant without `llama-quantize`; the converter or pip failed.
     """
     started = time.monotonic()
@@ -200,6 +200,9 @@ def export_gguf(
                            f"not found. Build it (cmake -B build && cmake --build build --target llama-quantize in a "
                            f"llama.cpp checkout) or use {', '.join(OUTTYPES)}, which need nothing more.")
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds neither config.json (a model folder) nor adapter_config.json "
+                                "(an adapter folder)")
     output = Path(output) if output is not None else Path(f"{model_dir}-{outtype}.gguf")
     if output.exists():
         raise FileExistsError(f"{output} exists; choose a new --output")
@@ -237,9 +240,6 @@ def export_gguf(
 def _merged_source(model_dir: Path, merged_dir: Path, base_model_name: str | None) -> Path:
     """`model_dir` itself, or an adapter folder merged into `merged_dir` (checked by the merge)."""
     if not (model_dir / "adapter_config.json").is_file():
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} holds neither config.json (a model folder) nor "
-                                    "adapter_config.json (an adapter folder)")
         return model_dir
     from models import load_model, resolve_model_path
     from techniques.lora import adapter_settings, load_lora, merge_and_save_lora

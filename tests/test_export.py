@@ -91,12 +91,15 @@ def test_a_failed_round_trip_check_leaves_no_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no .gguf, Modelfile or temp folder
 
 
-def test_k_quant_without_llama_quantize_says_what_to_do(tmp_path, monkeypatch):
+def test_bad_requests_fail_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(export.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="q4_k_m .*needs llama.cpp's llama-quantize binary on PATH"):
         export_gguf(tmp_path, outtype="q4_k_m")
     with pytest.raises(ValueError, match="outtype='q5'"):
         export_gguf(tmp_path, outtype="q5")
+    with pytest.raises(FileNotFoundError, match="neither config.json .* nor adapter_config.json"):
+        export_gguf(tmp_path, outtype="f16", cache_dir=tmp_path / "never-fetched")
+    assert not (tmp_path / "never-fetched").exists()  # checked before anything is fetched
 
 
 @pytest.fixture(scope="module")
