@@ -54,12 +54,14 @@ CONVERTER_TIMEOUT_S = 1800  # a 7B model in f16 takes minutes; a hung converter 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 # Round-trip check, unquantized types: max |logit diff| <= tolerance * max(1, largest |logit|) of the
-# probe. Measured on SmolLM2-135M (fp32 source, largest |logit| 39): f32 0, f16 0.041 (1.0e-3 x),
-# bf16 0.27 (7.0e-3 x); a 2-layer, 32-wide test model: f16 1.6e-4 with |logits| < 1.
-GGUF_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 3e-2}
-# Quantized types: share of probe positions whose top-1 token equals the source's. Measured on
-# SmolLM2-135M: q8_0 97.7% (86 of 88; f16 100%, bf16 98.9%). k-quants: not measured here (no llama-quantize).
-GGUF_MIN_TOP1 = {"q8_0": 0.9, **{q: 0.7 for q in K_QUANTS}}
+# probe. Measured (fp32 sources): SmolLM2-135M base (largest |logit| 39): f32 0, f16 1.0e-3 x,
+# bf16 7.0e-3 x; the demo adapter merged into it (|logit| 36): f16 1.1e-2 x, bf16 5.8e-2 x; a 2-layer,
+# 32-wide test model: f16 1.6e-4 with |logits| < 1. About 2.6x the largest seen.
+GGUF_TOLERANCE = {"f32": 1e-4, "f16": 3e-2, "bf16": 1.5e-1}
+# Every type: share of probe positions whose top-1 token equals the source's. Measured on SmolLM2-135M
+# base / demo merged: f16 100% / 100%, bf16 98.9% / 97.7%, q8_0 97.7% (86 of 88) / not measured.
+# k-quants: not measured here (no llama-quantize).
+GGUF_MIN_TOP1 = {"f32": 0.99, "f16": 0.95, "bf16": 0.9, "q8_0": 0.9, **{q: 0.7 for q in K_QUANTS}}
 # The fixed probe: one conversation rendered with the model's own chat template (so template and
 # special tokens are exercised), plus the last 8 ids of the vocabulary, where added tokens live.
 PROBE_CONVERSATION = [
@@ -89,14 +91,13 @@ class GGUFExport:
 
     def summary(self) -> str:
         """One line for a log or a script's output."""
-        if self.max_abs_diff is not None:
-            check = f"max |logit diff| {self.max_abs_diff:.3g} <= {self.tolerance:.3g}"
-        elif self.top1_agreement is not None:
-            check = f"top-1 agreement {self.top1_agreement:.1%} >= {GGUF_MIN_TOP1[self.outtype]:.0%}"
-        else:
+        if self.top1_agreement is None:
             check = "tensors and metadata checked"
-        top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.max_abs_diff is not None else ""
-        return (f"{self.path} ({self.outtype}, {self.path.stat().st_size / 2**20:.1f} MiB): {check}{top1} over "
+        else:
+            check = f"top-1 agreement {self.top1_agreement:.1%} >= {GGUF_MIN_TOP1[self.outtype]:.0%}"
+        if self.max_abs_diff is not None:
+            check = f"max |logit diff| {self.max_abs_diff:.3g} <= {self.tolerance:.3g}, {check}"
+        return (f"{self.path} ({self.outtype}, {self.path.stat().st_size / 2**20:.1f} MiB): {check} over "
                 f"{self.probe_positions} probe positions; chat template {self.chat_template_bytes} bytes; "
                 f"stop ids {self.stop_ids}; {self.seconds:.1f} s")
 
@@ -337,7 +338,7 @@ def _check_logits(gguf_path: Path, source: Path, tokenizer, report: GGUFExport) 
         if not report.max_abs_diff <= report.tolerance:
             raise ValueError(f"the {report.outtype} GGUF differs from {source}: max |logit diff| {report.max_abs_diff:.3g} > "
                              f"{report.tolerance:.3g} ({GGUF_TOLERANCE[report.outtype]:g} x the largest |logit|)")
-    elif not report.top1_agreement >= GGUF_MIN_TOP1[report.outtype]:
+    if not report.top1_agreement >= GGUF_MIN_TOP1[report.outtype]:
         raise ValueError(f"the {report.outtype} GGUF agrees with {source} on the top-1 token at only "
                          f"{report.top1_agreement:.1%} of {report.probe_positions} probe positions "
                          f"(at least {GGUF_MIN_TOP1[report.outtype]:.0%} required)")

@@ -50,7 +50,7 @@ def test_export_from_an_adapter_answers_like_the_adapter_model(exported):
     got = logits(gguf_model)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-3  # f16 rounding of a 32-wide model: ~2e-4
-    assert 0 < report.max_abs_diff <= report.tolerance == pytest.approx(1e-2)  # |logits| < 1 here
+    assert 0 < report.max_abs_diff <= report.tolerance == pytest.approx(3e-2)  # |logits| < 1 here
     assert report.top1_agreement > 0.95 and report.probe_positions > 50
 
 
