@@ -17,7 +17,8 @@ import torch
 from transformers import TextIteratorStreamer
 
 from config import Settings
-from data.dataset import encode_prompt, stop_token_ids
+from data.examples import encode_prompt
+from data.templates import stop_token_ids
 
 
 def generation_stop_ids(model, tokenizer, template: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Tests for data/dataset.py: readers, loaders, templates, label masks, truncation, splits, report.
+"""Tests for data/: readers and loaders, templates, label masks, truncation, splits, the builder and its report.
 
 Tiny tokenizers come from tests/tiny.py (byte-level BPE trained in-process). Tests that read the
 reference files in ../shared skip when that folder is absent.
@@ -19,26 +19,20 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from data.dataset import (
-    IGNORE_INDEX,
+from data.dataset import build_sft_dataset, build_sft_dataset_with_report
+from data.examples import IGNORE_INDEX, build_sft_example, encode_prompt
+from data.readers import (
     DatasetError,
-    build_sft_dataset,
-    build_sft_dataset_with_report,
-    build_sft_example,
-    check_template_tokens,
     detect_format,
-    encode_prompt,
     held_out_prompt,
     load_messages,
     load_records,
     load_splits,
     parse_role_map,
-    render,
     split_records,
-    stop_token_ids,
     to_messages,
-    turn_end_token,
 )
+from data.templates import check_template_tokens, render, stop_token_ids, turn_end_token
 from tests.tiny import make_model, make_tokenizer, one_torch_thread
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

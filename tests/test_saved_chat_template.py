@@ -6,7 +6,8 @@ server that renders with the tokenizer (vLLM, TGI) would prompt an alpaca-traine
 
 import pytest
 
-from data.dataset import chat_template_for, render, to_messages
+from data.readers import to_messages
+from data.templates import chat_template_for, render
 from tests.tiny import make_tokenizer
 
 CONVERSATIONS = {

@@ -1,0 +1,207 @@
+"""Chat messages -> token ids with exact label masks: one SFT example, a generation prompt, a DPO pair.
+
+    build_sft_example(messages, ...)        -> dict | None         (input_ids, attention_mask, labels)
+    encode_prompt(messages, ...)            -> list[int]           (generation prompt, same tokenization)
+    encode_prompt_completion(messages, ...) -> (prompt_ids, completion_ids)   (DPO)
+
+Labels are built by construction, never by searching token ids: `data.templates` renders a
+conversation into prompt segments (label -100) and supervised segments, and every segment is
+tokenized on its own with `add_special_tokens=False`. Supervised positions are therefore known
+exactly, whatever the token ids are (pad == eos cannot mask the real EOS), and a prompt ending in
+"Answer: " followed by the completion "four" supervises exactly the tokens of "four" and the turn end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data.templates import check_template_tokens, render_segments
+
+TRUNCATION_STRATEGIES = ("truncate_prompt", "drop")
+IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and every HF model) skips
+
+
+def build_sft_example(
+    messages: list[dict],
+    tokenizer: Any,
+    template: str,
+    max_seq_length: int,
+    truncation_strategy: str = "truncate_prompt",
+    train_on_last_turn_only: bool = False,
+) -> dict | None:
+    """Token ids and labels of one conversation, or None when it yields no supervised token.
+
+    Returns `{"input_ids", "attention_mask", "labels"}`, lists of int of one length <= max_seq_length;
+    labels are the input ids (unshifted, the model shifts) on supervised positions and -100 elsewhere.
+
+    Supervised: every assistant turn's content plus the token that closes the turn (<|im_end|>
+    chatml, <|end|> phi3, <|eot_id|> llama3, eos_token alpaca, see `data.templates` for
+    "tokenizer"); only the last assistant turn when `train_on_last_turn_only`. Everything else is
+    -100: system and user turns, headers, and what follows the turn end ("\\n", phi3's final eos).
+    The text is rendered in segments and each is tokenized alone with `add_special_tokens=False`,
+    so no BOS is ever added: the ids hold exactly the BOS the template writes (llama3, maybe
+    "tokenizer"), and for ordinary messages they equal `apply_chat_template(messages,
+    tokenize=True)`. "alpaca" mirrors Stanford train.py, which tokenizes with the tokenizer's
+    defaults: one BOS is prepended when the tokenizer adds one by default.
+
+    Worked example, chatml, messages [user "2+2?", assistant "4"], one token per piece, positions 0-14:
+
+        text:   <|im_start|> user \\n 2 + 2 ? <|im_end|> \\n <|im_start|> assistant \\n 4 <|im_end|> \\n
+        labels: -100 x 12 (the user turn and the assistant header),    4, <|im_end|>, -100
+
+    Truncation, when the ids are longer than max_seq_length (n). h = 1 when the ids start with a
+    BOS the template wrote (llama3; alpaca's prepended BOS; "tokenizer" when its template uses
+    bos_token), else 0; s = position of the first token of the last supervised span:
+      - "drop": return None.
+      - "truncate_prompt" (default): remove len - n tokens from the left of the context ids[h:s]
+        (the BOS stays). If the context is too short for that, all of ids[h:s] goes and the rest
+        is cut from the right to n tokens (the answer loses its end).
+      E.g. the example above (len 15, h = 0, s = 12) with n = 10: ids[0:5] go, leaving
+      "2 ? <|im_end|> \\n <|im_start|> assistant \\n 4 <|im_end|> \\n", labels -100 x 7, 4, <|im_end|>, -100.
+      With n = 2: the context ids[0:12] goes and "4 <|im_end|> \\n" is cut to "4 <|im_end|>".
+    An example left without a supervised token returns None (the builder counts it).
+
+    Raises ValueError for an unknown template or strategy, max_seq_length < 1, or template tokens
+    that are not single tokens (see `check_template_tokens`).
+    """
+    example, _ = build_sft_example_with_status(
+        messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only
+    )
+    return example
+
+
+def encode_prompt(messages: list[dict], template: str, tokenizer: Any) -> list[int]:
+    """Token ids of the generation prompt for `messages` (ending with a user turn), tokenized exactly
+    as `build_sft_example` tokenizes training text: the template's own BOS only (alpaca: the
+    tokenizer's default BOS), never a second one. Use it instead of `tokenizer(render(...))`, which
+    adds another BOS to llama3 text with tokenizers that prepend one by default.
+    """
+    check_template_tokens(template, tokenizer)
+    segments = [(text, False) for text, _ in render_segments(messages, template, tokenizer, add_generation_prompt=True)]
+    ids, _ = _tokenize_segments(_merge_segments(segments), tokenizer)
+    return (_default_bos(tokenizer) if template == "alpaca" else []) + ids
+
+
+def build_sft_example_with_status(messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only):
+    """(example or None, status) with status "kept", "truncated", "dropped_too_long" or "dropped_no_supervised"."""
+    if truncation_strategy not in TRUNCATION_STRATEGIES:
+        raise ValueError(
+            f"unknown truncation_strategy {truncation_strategy!r}; expected one of {TRUNCATION_STRATEGIES}"
+        )
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    check_template_tokens(template, tokenizer)
+    segments = render_segments(messages, template, tokenizer, add_generation_prompt=False)
+    if train_on_last_turn_only:
+        last = max(i for i, (_, flag) in enumerate(segments) if flag) if any(f for _, f in segments) else -1
+        segments = [(text, i == last) for i, (text, _) in enumerate(segments)]
+    ids, labels = _tokenize_segments(_merge_segments(segments), tokenizer)
+    if template == "alpaca":
+        bos = _default_bos(tokenizer)
+        ids, labels = bos + ids, [IGNORE_INDEX] * len(bos) + labels
+    status = "kept"
+    if len(ids) > max_seq_length:
+        if truncation_strategy == "drop":
+            return None, "dropped_too_long"
+        ids, labels = _truncate(ids, labels, max_seq_length, _starts_with_template_bos(ids, template, tokenizer))
+        status = "truncated"
+    if all(label == IGNORE_INDEX for label in labels):
+        return None, "dropped_no_supervised"
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, status
+
+
+def _merge_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    # Neighbouring prompt pieces are tokenized together, so segment boundaries exist only where
+    # supervision changes; empty pieces carry no tokens.
+    merged = []
+    for text, flag in segments:
+        if not text:
+            continue
+        if merged and merged[-1][1] == flag:
+            merged[-1] = (merged[-1][0] + text, flag)
+        else:
+            merged.append((text, flag))
+    return merged
+
+
+def _tokenize_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
+    if not segments:
+        return [], []
+    pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
+    ids, labels = [], []
+    for piece, (_, supervised) in zip(pieces, segments, strict=True):
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def _default_bos(tokenizer) -> list[int]:
+    """[bos_token_id] when the tokenizer prepends it by default (e.g. Llama), else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_special[:1] == [bos] and without[:1] != [bos] else []
+
+
+def _starts_with_template_bos(ids: list[int], template: str, tokenizer) -> bool:
+    # Only a BOS the template wrote counts: SmolLM2's bos is <|im_start|>, which in chatml merely
+    # opens the first turn and may be truncated like any other prompt token.
+    writes_bos = template in ("llama3", "alpaca") or (
+        template == "tokenizer" and "bos_token" in (tokenizer.chat_template or "")
+    )
+    return writes_bos and bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def _truncate(ids: list[int], labels: list[int], n: int, has_bos: bool) -> tuple[list[int], list[int]]:
+    """See `build_sft_example`: drop from the left of the context after the BOS, else cut the tail."""
+    h = 1 if has_bos else 0
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    s = supervised[-1] if supervised else len(ids)
+    while s > 0 and labels[s - 1] != IGNORE_INDEX:
+        s -= 1  # walk back to the first token of the last supervised span
+    excess = len(ids) - n
+    if s - h >= excess:
+        return ids[:h] + ids[h + excess :], labels[:h] + labels[h + excess :]
+    return (ids[:h] + ids[s:])[:n], (labels[:h] + labels[s:])[:n]
+
+
+def encode_prompt_completion(messages: list[dict], template: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of a conversation whose last turn is the assistant's, for DPO.
+
+    prompt_ids is `encode_prompt(messages[:-1], template, tokenizer)`: every earlier turn plus the
+    template's assistant header, exactly what generation is given. completion_ids is the last
+    assistant turn's supervised segment as `build_sft_example` supervises it (content + turn-end
+    token), tokenized on its own with `add_special_tokens=False`; what the template writes after
+    the turn end ("\\n", phi3's final eos) is left out. The two are never tokenized together, so a
+    prompt ending in "A: " keeps its own ids whether the answer is "46" or "$46".
+
+    Worked example, chatml, [user "2+2?", assistant "4"]:
+        prompt:     <|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n
+        completion: 4<|im_end|>
+
+    Raises ValueError when the last turn is not the assistant's, for template tokens missing from
+    the tokenizer, or when the template renders the prompt alone differently from the text before
+    the answer (a "tokenizer" chat template that does so cannot be split by construction).
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a prompt/completion pair needs a conversation that ends with an assistant turn")
+    check_template_tokens(template, tokenizer)
+    segments = render_segments(messages, template, tokenizer, add_generation_prompt=False)
+    last = max(i for i, (_, supervised) in enumerate(segments) if supervised)
+    before = "".join(text for text, _ in segments[:last])
+    prompt = "".join(text for text, _ in render_segments(messages[:-1], template, tokenizer, add_generation_prompt=True))
+    if before != prompt:
+        raise ValueError(
+            f"the {template!r} template renders the prompt alone differently from the text before the answer "
+            f"({prompt[-40:]!r} vs {before[-40:]!r}); use one of the hand-written templates"
+        )
+    completion = tokenizer(segments[last][0], add_special_tokens=False)["input_ids"]
+    return encode_prompt(messages[:-1], template, tokenizer), completion
+
+
+def template_bos_length(ids: list[int], template: str, tokenizer: Any) -> int:
+    """1 when `ids` start with a BOS the template wrote (llama3, alpaca's default BOS, a "tokenizer"
+    template using bos_token), else 0: left truncation of a prompt keeps these first ids."""
+    return int(_starts_with_template_bos(ids, template, tokenizer))

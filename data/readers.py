@@ -1,0 +1,385 @@
+"""Records -> chat messages: read data files (local or hub), check turns, split off eval records.
+
+    load_records(path)                      -> list[dict]          (.json / .jsonl / .parquet / .csv / hub name)
+    to_messages(record, fmt)                -> list[dict]          (Alpaca / ShareGPT / OpenAI messages)
+    load_messages(path, fmt, ...)           -> list[list[dict]]    (every record checked before raising)
+    load_splits(settings)                   -> {"train": ..., "eval": ...}
+
+A malformed record raises DatasetError naming the file, the record index and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(ValueError):
+    """A record or data file that cannot be used; the message names the file, record index and field.
+
+    Attributes `source`, `index` (0-based record index) and `field` (e.g. "conversations[3].from")
+    hold the same facts for programs; any of them may be None when unknown. An error that sums up
+    several malformed records (see `load_messages`) lists them in `problems`.
+    """
+
+    def __init__(self, reason: str, *, source: str | None = None, index: int | None = None, field: str | None = None):
+        self.reason, self.source, self.index, self.field = reason, source, index, field
+        self.problems: list[DatasetError] = []
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if index is not None:
+            where.append(f"record {index}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(": ".join(where + [reason]))
+
+    def with_context(self, source: str | None = None, index: int | None = None) -> DatasetError:
+        """The same error with file and record index filled in where still unknown."""
+        return DatasetError(
+            self.reason,
+            source=self.source if self.source is not None else source,
+            index=self.index if self.index is not None else index,
+            field=self.field,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Records -> messages
+# --------------------------------------------------------------------------------------------
+
+
+def detect_format(record: dict) -> str:
+    """The format of `record` by its keys, first match wins: `messages` -> "messages",
+    `conversations` -> "sharegpt", `instruction` -> "alpaca". Raises DatasetError naming the keys."""
+    for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        if key in record:
+            return fmt
+    raise DatasetError(
+        f"cannot detect the format from keys {sorted(record)}: expected 'instruction' (alpaca), "
+        "'conversations' (sharegpt) or 'messages' (OpenAI messages)"
+    )
+
+
+def to_messages(
+    record: dict,
+    fmt: str | None = None,
+    *,
+    source: str | None = None,
+    index: int | None = None,
+    role_map: dict[str, str] | None = None,
+) -> list[dict]:
+    """One record as a list of chat messages `{"role": "system"|"user"|"assistant", "content": str}`.
+
+    Args:
+        record: one row of a data file.
+        fmt: None or "auto" (detect by keys, see `detect_format`), "alpaca" (`instruction`, optional
+            `input`, `output`, optional `system`), "sharegpt" (`conversations` of `from`/`value`;
+            roles system, human/user, gpt/assistant) or "messages" (`messages` of `role`/`content`;
+            other record keys such as `label` are ignored).
+        source, index: file name and record index, only used in error messages.
+        role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"function_call":
+            "assistant", "observation": "user"} (setting `role_map`); each maps to system, user or
+            assistant, and then follows the turn rules below like any other turn of that role.
+
+    Alpaca: the user content is `instruction` + ("\\n\\n" + input when input != ""), and the user
+    message also keeps the keys `instruction` and `input` so the alpaca template can render the
+    canonical with-input prompt. A non-empty `system` becomes a system message.
+
+    Turn rules (checked for every format): an optional system turn, only first, and kept; then
+    user and assistant alternate starting with user (two consecutive turns of one role, after
+    `role_map`, are rejected, never merged or dropped: merge them in the data); at least one
+    assistant turn; a trailing user turn is kept (it is rendered as prompt and never supervised).
+    Every turn of the record becomes one message; roles come from the role field, never from
+    positions.
+
+    Raises:
+        DatasetError: missing field, wrong type, unknown role not in `role_map` (e.g. `function_call`,
+            `observation`, `tool`), empty conversation, broken turn order, no assistant turn. The
+            message names `source`, `index`, the field and, for a role, the role itself.
+        ValueError: unknown `fmt`.
+    """
+    if fmt not in (None, *FORMATS):
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+    try:
+        if not isinstance(record, dict):
+            raise DatasetError(f"expected a JSON object, got {type(record).__name__}")
+        fmt = detect_format(record) if fmt in (None, "auto") else fmt
+        if fmt == "alpaca":
+            return _read_alpaca(record)
+        extra = role_map or {}
+        if fmt == "sharegpt":
+            return _read_turns(record, "conversations", "from", "value", {**_SHAREGPT_ROLES, **extra})
+        return _read_turns(record, "messages", "role", "content", {**{r: r for r in _MESSAGE_ROLES}, **extra})
+    except DatasetError as err:
+        raise err.with_context(source, index) from None
+
+
+def _get_str(obj: dict, key: str, field_name: str, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DatasetError("missing field", field=field_name)
+        return ""
+    if not isinstance(value, str):
+        raise DatasetError(f"expected a string, got {type(value).__name__}", field=field_name)
+    return value
+
+
+def _read_alpaca(record: dict) -> list[dict]:
+    instruction = _get_str(record, "instruction", "instruction")
+    input_text = _get_str(record, "input", "input", required=False)
+    output = _get_str(record, "output", "output")
+    system = _get_str(record, "system", "system", required=False)
+    # Stanford train.py picks the with-input prompt when input != "" (not when it is non-blank).
+    content = instruction + ("\n\n" + input_text if input_text != "" else "")
+    user = {"role": "user", "content": content, "instruction": instruction, "input": input_text}
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [user, {"role": "assistant", "content": output}]
+
+
+def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    turns = record.get(key)
+    if turns is None:
+        raise DatasetError("missing field", field=key)
+    if not isinstance(turns, list):
+        raise DatasetError(f"expected a list of turns, got {type(turns).__name__}", field=key)
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"expected an object, got {type(turn).__name__}", field=where)
+        name = _get_str(turn, role_key, f"{where}.{role_key}")
+        if name not in roles:
+            raise DatasetError(
+                f"unknown role {name!r}; expected one of {sorted(roles)}, or map it with the role_map setting "
+                f"(e.g. ROLE_MAP={name}:user)",
+                field=f"{where}.{role_key}",
+            )
+        messages.append({"role": roles[name], "content": _get_str(turn, content_key, f"{where}.{content_key}")})
+    _check_turn_order(messages, f"{key}[{{}}].{role_key}")
+    return messages
+
+
+def _check_turn_order(messages: list[dict], field_pattern: str) -> None:
+    if not messages:
+        raise DatasetError("empty conversation", field=field_pattern.split("[")[0])
+    previous = None
+    for i, message in enumerate(messages):
+        role, where = message["role"], field_pattern.format(i)
+        if role == "system" and i > 0:
+            raise DatasetError("a system turn is only allowed as the first turn", field=where)
+        if role == "assistant" and previous in (None, "system"):
+            raise DatasetError(
+                "the conversation must start with a user turn (after an optional system turn)", field=where
+            )
+        if role == previous:
+            raise DatasetError(f"two consecutive {role!r} turns ({i - 1} and {i}); merge them in the data", field=where)
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError("no assistant turn, nothing to train on", field=field_pattern.split("[")[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Files -> records
+# --------------------------------------------------------------------------------------------
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """All rows of a local data file, or of the "train" split of a Hugging Face Hub dataset.
+
+    Local files by suffix: `.json` (a list of objects, or a single object = one record), `.jsonl`
+    (one object per line, blank lines skipped), `.parquet`, `.csv` (all values are strings; an
+    empty cell is ""). An existing local folder is loaded with `datasets.load_dataset(folder)`.
+    Anything else is a hub name, loaded with `datasets.load_dataset(name, split="train")`.
+
+    Raises:
+        DatasetError: unsupported suffix; invalid JSON (with file and line number); a path that is
+            neither a local file nor loadable from the hub (offline, unknown name).
+    """
+    path_str = str(path)
+    local = Path(path_str).expanduser()
+    if local.is_file():
+        return _read_local_file(local)
+    if local.is_dir():
+        return _load_with_datasets(path_str)
+    if path_str.startswith(("/", ".", "~")):
+        # Hub ids never start with these, so it was meant as a local path: skip the network retries.
+        raise DatasetError(
+            "no such local file (and not a Hugging Face Hub dataset name: those never start with '/', '.' or '~')",
+            source=path_str,
+        )
+    return _load_with_datasets(path_str)
+
+
+def _read_local_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # a dependency of `datasets`; imported here as only parquet needs it
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise DatasetError(f"unsupported file type {suffix!r}; expected one of {LOCAL_SUFFIXES}", source=str(path))
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", source=str(path)
+        ) from None
+    if isinstance(data, dict):
+        return [data]  # a single object is one record (e.g. axolotl's conversation fixture)
+    if isinstance(data, list):
+        return data
+    raise DatasetError(f"expected a list of records or one object, got {type(data).__name__}", source=str(path))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"invalid JSON on line {line_number}: {err.msg}", source=str(path)) from None
+    return records
+
+
+def _load_with_datasets(name: str) -> list[dict]:
+    try:
+        return datasets.load_dataset(name, split="train").to_list()
+    except Exception as err:  # offline, unknown repo, no "train" split: all mean this name is unusable
+        raise DatasetError(
+            f"{name!r} is neither an existing local file nor a dataset reachable on the Hugging Face Hub "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_messages(
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None, role_map: dict[str, str] | None = None
+) -> list[list[dict]]:
+    """`to_messages` of every record in `path` (with `role_map`); `system_prompt`, when set, is
+    prepended as a system message to conversations that have none.
+
+    Every record is checked before anything is raised. One malformed record raises its own
+    DatasetError (file, record index, field); several raise one DatasetError that lists them (the
+    first 10 in full) and keeps them all in its `problems` attribute.
+    """
+    return [messages for _, messages in _load_indexed(path, fmt, system_prompt, role_map)]
+
+
+def _load_indexed(path, fmt, system_prompt, role_map) -> list[tuple[int, list[dict]]]:
+    """`load_messages` as (record index in the file, messages) pairs."""
+    conversations, problems = [], []
+    for index, record in enumerate(load_records(path)):
+        try:
+            messages = to_messages(record, fmt, source=str(path), index=index, role_map=role_map)
+        except DatasetError as err:
+            problems.append(err)
+            continue
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        conversations.append((index, messages))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        lines = [f"  {p}" for p in problems[:10]] + (
+            [f"  ... and {len(problems) - 10} more"] if len(problems) > 10 else []
+        )
+        error = DatasetError(f"{len(problems)} malformed records:\n" + "\n".join(lines), source=str(path))
+        error.problems = problems  # each with its own index and field, for programs
+        raise error
+    return conversations
+
+
+def split_records(items: list, eval_split_size: float, seed: int) -> tuple[list, list]:
+    """Hold out part of `items` for evaluation: returns (train, eval).
+
+    `eval_split_size` 0 means no eval items; 0 < x < 1 a fraction (rounded, at least 1); x >= 1 a
+    whole number of items. Which items are held out is a seeded shuffle (`random.Random(seed)`);
+    both parts keep the original order. Raises ValueError for a negative or fractional count >= 1,
+    and DatasetError when nothing would be left to train on.
+    """
+    if eval_split_size < 0 or (eval_split_size >= 1 and eval_split_size != int(eval_split_size)):
+        raise ValueError(f"eval_split_size must be 0, a fraction in (0, 1) or a whole count, got {eval_split_size}")
+    if eval_split_size == 0:
+        return list(items), []
+    n_eval = max(1, round(eval_split_size * len(items))) if eval_split_size < 1 else int(eval_split_size)
+    if n_eval >= len(items):
+        raise DatasetError(
+            f"eval_split_size={eval_split_size} holds out {n_eval} of {len(items)} records, leaving none to train on"
+        )
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:n_eval])
+    train = [item for i, item in enumerate(items) if i not in held_out]
+    return train, [item for i, item in enumerate(items) if i in held_out]
+
+
+def load_splits(settings: Any) -> dict[str, list[list[dict]]]:
+    """Messages per split: {"train": [...]} plus "eval" when there is eval data.
+
+    Reads `settings.dataset_path`, `dataset_format`, `system_prompt`, `role_map` (see
+    `parse_role_map`), `eval_dataset_path`, `eval_split_size` and `seed`. An `eval_dataset_path`
+    wins: the train file is then not split and `eval_split_size` is ignored. Otherwise
+    `split_records` holds out records of the train file before anything is tokenized. Raises
+    DatasetError (see `load_messages`, `split_records`).
+    """
+    return {name: [messages for _, messages in pairs] for name, pairs in load_indexed_splits(settings).items()}
+
+
+def load_indexed_splits(settings) -> dict[str, list[tuple[int, list[dict]]]]:
+    """`load_splits` with each conversation's record index in its file (for the report)."""
+    role_map = parse_role_map(settings.role_map)
+    load_args = (settings.dataset_format, settings.system_prompt, role_map)
+    train = _load_indexed(settings.dataset_path, *load_args)
+    if settings.eval_dataset_path:
+        if settings.eval_split_size:
+            logger.info("eval_dataset_path is set, so eval_split_size=%s is ignored", settings.eval_split_size)
+        return {"train": train, "eval": _load_indexed(settings.eval_dataset_path, *load_args)}
+    train, held_out = split_records(train, settings.eval_split_size, settings.seed)
+    return {"train": train, "eval": held_out} if held_out else {"train": train}
+
+
+def parse_role_map(pairs: list[str]) -> dict[str, str]:
+    """The `role_map` setting, ["function_call:assistant", "observation:user"], as a dict. Raises
+    ValueError for a pair that is not `from:to` with to = system, user or assistant."""
+    role_map = {}
+    for pair in pairs:
+        name, _, role = pair.partition(":")
+        if not name or role not in _MESSAGE_ROLES:
+            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {_MESSAGE_ROLES}")
+        role_map[name] = role
+    return role_map
+
+
+def held_out_prompt(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the conversation up to its last assistant turn, that turn's content): a prompt to generate
+    from and its reference answer, e.g. for before/after samples on eval messages."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
