@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.templates import check_template_tokens, render_segments
+from data.templates import check_template_tokens, default_bos_ids, render_segments
 
 TRUNCATION_STRATEGIES = ("truncate_prompt", "drop")
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and every HF model) skips
@@ -79,7 +79,7 @@ def encode_prompt(messages: list[dict], template: str, tokenizer: Any) -> list[i
     check_template_tokens(template, tokenizer)
     segments = [(text, False) for text, _ in render_segments(messages, template, tokenizer, add_generation_prompt=True)]
     ids, _ = _tokenize_segments(_merge_segments(segments), tokenizer)
-    return (_default_bos(tokenizer) if template == "alpaca" else []) + ids
+    return (default_bos_ids(tokenizer) if template == "alpaca" else []) + ids
 
 
 def build_sft_example_with_status(messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only):
@@ -97,7 +97,7 @@ def build_sft_example_with_status(messages, tokenizer, template, max_seq_length,
         segments = [(text, i == last) for i, (text, _) in enumerate(segments)]
     ids, labels = _tokenize_segments(_merge_segments(segments), tokenizer)
     if template == "alpaca":
-        bos = _default_bos(tokenizer)
+        bos = default_bos_ids(tokenizer)
         ids, labels = bos + ids, [IGNORE_INDEX] * len(bos) + labels
     status = "kept"
     if len(ids) > max_seq_length:
@@ -133,16 +133,6 @@ def _tokenize_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[lis
         ids += piece
         labels += piece if supervised else [IGNORE_INDEX] * len(piece)
     return ids, labels
-
-
-def _default_bos(tokenizer) -> list[int]:
-    """[bos_token_id] when the tokenizer prepends it by default (e.g. Llama), else []."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return [bos] if with_special[:1] == [bos] and without[:1] != [bos] else []
 
 
 def _starts_with_template_bos(ids: list[int], template: str, tokenizer) -> bool:

@@ -20,6 +20,7 @@ Sources of the formats:
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -318,15 +319,57 @@ _CHAT_TEMPLATES = {
 }
 
 
-def chat_template_for(template: str, tokenizer: Any) -> str | None:
-    """The Jinja chat template that renders like `render(..., template)`, to save with a model.
+def chat_template_for(template: str, tokenizer: Any, system_prompt: str | None = None) -> str | None:
+    """The Jinja chat template to save with a model trained on `template`: `apply_chat_template(messages,
+    tokenize=True)` of the saved tokenizer gives the ids the trainer saw (`build_sft_example`), and
+    with `add_generation_prompt=True` the ids of `encode_prompt`.
 
-    Returns the tokenizer's own template for "tokenizer" (None when it has none). Alpaca's
-    generation prompt is part of each user turn, so `add_generation_prompt` changes nothing there,
-    as in `render`. Raises ValueError for an unknown template.
+    - "tokenizer": the tokenizer's own template (None when it has none); otherwise our Jinja twin of
+      `render(..., template)`. Alpaca's generation prompt is part of each user turn, so
+      `add_generation_prompt` changes nothing there, as in `render`.
+    - `system_prompt` (the `system_prompt` setting, which the trainer prepends to conversations
+      without a system turn) becomes the template's default system turn, so a request without one
+      is prompted as training prompted it.
+    - alpaca on a tokenizer that adds a BOS by default (Llama, Phi-3): the trainer prepends that BOS
+      id, as Stanford's recipe does, so the template writes `bos_token` first.
+    - No template is exactly 1,024 bytes long: llama-cpp-python 0.3.36 reads such a template one
+      character short and fails (TemplateSyntaxError); a Jinja comment is appended instead.
+
+    Raises ValueError for an unknown template.
     """
     if template == "tokenizer":
-        return tokenizer.chat_template
-    if template not in _CHAT_TEMPLATES:
+        text = tokenizer.chat_template
+        if text is None:
+            return None
+    elif template in _CHAT_TEMPLATES:
+        text = _CHAT_TEMPLATES[template]
+    else:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
-    return _CHAT_TEMPLATES[template]
+    if template == "alpaca" and default_bos_ids(tokenizer):
+        text = "{{ bos_token }}" + text
+    if system_prompt:
+        text = _default_system_turn(system_prompt) + text
+    if len(text.encode()) == 1024:
+        text += "{# not 1024 bytes long: llama-cpp-python 0.3.36 misreads those #}"
+    return text
+
+
+def _default_system_turn(system_prompt: str) -> str:
+    # A JSON string is a valid Jinja string literal (\n, \" and \\ escapes; other text kept as is).
+    # No whitespace control after the last tag, so the template that follows renders unchanged.
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+        "{%- endif %}"
+    )
+
+
+def default_bos_ids(tokenizer: Any) -> list[int]:
+    """[bos_token_id] when the tokenizer prepends it by default (e.g. Llama), else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_special[:1] == [bos] and without[:1] != [bos] else []

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings.
     final_dir = Path(settings.output_dir) / "final"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer, settings.system_prompt)  # render as trained
     if trainer.is_world_process_zero():
         if is_peft_model(trainer.model):
             trainer.model.save_pretrained(final_dir, selected_adapters=["default"])

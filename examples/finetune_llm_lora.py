@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 6. Save adapter + tokenizer (its chat template = the training template, so servers prompt
     #    the way the model learned) + generation config (every stop id) + settings (no secrets).
     final_dir = Path(settings.output_dir) / "final"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer, settings.system_prompt)
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         save_generation_config(tokenizer, settings, final_dir)

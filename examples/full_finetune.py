@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
     final_dir = Path(settings.output_dir) / "final-full"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)  # render as trained
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer, settings.system_prompt)  # render as trained
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         save_generation_config(tokenizer, settings, final_dir)

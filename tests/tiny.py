@@ -11,7 +11,9 @@ Families and their special tokens (ids in this order, from 0):
             Adds <s> with add_special_tokens=True, like the real (Llama sentencepiece) tokenizer.
 - "llama3": <|begin_of_text|> (bos), <|end_of_text|> (eos), <|start_header_id|>,
             <|end_header_id|>, <|eot_id|>. Adds <|begin_of_text|> by default, like Llama 3.
-- "plain":  <s> (bos), </s> (eos); no chat tokens (for "template tokens missing" tests).
+- "qwen":   <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos); NO bos token at all (bos_token None),
+            like Qwen2.5.
+- "plain":  <s> (bos), </s> (eos); no chat tokens (for "template tokens missing" tests). No BOS added.
 
 `make_model(tokenizer)` returns a tiny random Llama (2 layers, 32 wide) sized to a tokenizer, for
 tests that run, pack or toy-train a model without any files.
@@ -52,6 +54,13 @@ FAMILIES = {
         "eos_token": "<|end_of_text|>",
         "pad_token": None,
         "adds_bos": True,
+    },
+    "qwen": {
+        "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "adds_bos": False,
     },
     "plain": {
         "special_tokens": ["<s>", "</s>"],
