@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 
 from data.examples import IGNORE_INDEX, TRUNCATION_STRATEGIES, build_sft_example_with_status
-from data.readers import FORMATS, DatasetError, load_indexed_splits
+from data.readers import FORMATS, DatasetError, load_conversation_splits
 from data.report import BuildReport, SplitReport, packed_row_count
 from data.templates import check_template_tokens
 
@@ -58,7 +58,7 @@ def build_sft_dataset_with_report(settings: Any, tokenizer: Any) -> tuple[datase
     in one message), DatasetError for malformed records or a split left without examples.
     """
     _validate_settings(settings, tokenizer)
-    splits = load_indexed_splits(settings)
+    splits = load_conversation_splits(settings)
     report = BuildReport(
         settings.prompt_template, settings.max_seq_length, settings.truncation_strategy, packing=settings.packing
     )
@@ -104,9 +104,11 @@ _DROP_REASONS = {
 def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, list], SplitReport]:
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     report = SplitReport(records=len(conversations))
-    for index, messages in conversations:
+    for conversation in conversations:
+        for key in conversation.ignored_keys:
+            report.ignored_keys[key] = report.ignored_keys.get(key, 0) + 1
         example, status = build_sft_example_with_status(
-            messages,
+            conversation.messages,
             tokenizer,
             settings.prompt_template,
             settings.max_seq_length,
@@ -115,7 +117,7 @@ def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, 
         )
         if example is None:
             setattr(report, status, getattr(report, status) + 1)
-            report.dropped.append(f"{source}: record {index}: {status}: {_DROP_REASONS[status]}")
+            report.dropped.append(f"{source}: record {conversation.index}: {status}: {_DROP_REASONS[status]}")
             continue
         report.kept += 1
         report.truncated += int(status == "truncated")

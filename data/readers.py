@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +84,42 @@ def to_messages(
     index: int | None = None,
     role_map: dict[str, str] | None = None,
 ) -> list[dict]:
-    """One record as a list of chat messages `{"role": "system"|"user"|"assistant", "content": str}`.
+    """One record as a list of chat messages `{"role": "system"|"user"|"assistant", "content": str}`
+    (`read_record(...).messages`; see there for the formats, turn rules and errors)."""
+    return read_record(record, fmt, source=source, index=index, role_map=role_map).messages
+
+
+@dataclass
+class Conversation:
+    """One record as read: its messages, its index in its file, and the keys the reader did not read.
+
+    `ignored_keys` names each such key once, record keys by name ("label") and keys of turns by
+    their list ("messages[].name"): the dataset report counts them, so nothing is dropped unseen.
+    """
+
+    messages: list[dict]
+    index: int | None = None
+    ignored_keys: tuple[str, ...] = ()
+
+
+def read_record(
+    record: dict,
+    fmt: str | None = None,
+    *,
+    source: str | None = None,
+    index: int | None = None,
+    role_map: dict[str, str] | None = None,
+) -> Conversation:
+    """One record as a Conversation of chat messages `{"role", "content"}` (+ `weight`, see below).
 
     Args:
         record: one row of a data file.
         fmt: None or "auto" (detect by keys, see `detect_format`), "alpaca" (`instruction`, optional
             `input`, `output`, optional `system`), "sharegpt" (`conversations` of `from`/`value`;
-            roles system, human/user, gpt/assistant) or "messages" (`messages` of `role`/`content`;
-            other record keys such as `label` are ignored).
-        source, index: file name and record index, only used in error messages.
+            roles system, human/user, gpt/assistant) or "messages" (`messages` of `role`/`content`).
+            Any other key (a record's `label`, a message's `name`) is not read and is listed in
+            `ignored_keys`.
+        source, index: file name and record index, used in error messages (and `index` kept).
         role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"function_call":
             "assistant", "observation": "user"} (setting `role_map`); each maps to system, user or
             assistant, and then follows the turn rules below like any other turn of that role.
@@ -99,6 +127,10 @@ def to_messages(
     Alpaca: the user content is `instruction` + ("\\n\\n" + input when input != ""), and the user
     message also keeps the keys `instruction` and `input` so the alpaca template can render the
     canonical with-input prompt. A non-empty `system` becomes a system message.
+
+    Weights (OpenAI chat fine-tuning format; mistral-finetune, axolotl): an assistant message or
+    ShareGPT gpt turn may carry `"weight": 0` (context only: rendered, never trained) or `1` (trained,
+    the default); the message keeps it.
 
     Turn rules (checked for every format): an optional system turn, only first, and kept; then
     user and assistant alternate starting with user (two consecutive turns of one role, after
@@ -109,8 +141,9 @@ def to_messages(
 
     Raises:
         DatasetError: missing field, wrong type, unknown role not in `role_map` (e.g. `function_call`,
-            `observation`, `tool`), empty conversation, broken turn order, no assistant turn. The
-            message names `source`, `index`, the field and, for a role, the role itself.
+            `observation`, `tool`), a weight other than 0 or 1 or on a non-assistant turn, empty
+            conversation, broken turn order, no assistant turn. The message names `source`, `index`,
+            the field and, for a role, the role itself.
         ValueError: unknown `fmt`.
     """
     if fmt not in (None, *FORMATS):
@@ -120,13 +153,24 @@ def to_messages(
             raise DatasetError(f"expected a JSON object, got {type(record).__name__}")
         fmt = detect_format(record) if fmt in (None, "auto") else fmt
         if fmt == "alpaca":
-            return _read_alpaca(record)
-        extra = role_map or {}
-        if fmt == "sharegpt":
-            return _read_turns(record, "conversations", "from", "value", {**_SHAREGPT_ROLES, **extra})
-        return _read_turns(record, "messages", "role", "content", {**{r: r for r in _MESSAGE_ROLES}, **extra})
+            messages, ignored = _read_alpaca(record), _unread(record, _ALPACA_KEYS)
+        else:
+            key, role_key, content_key, roles = (
+                ("conversations", "from", "value", _SHAREGPT_ROLES) if fmt == "sharegpt"
+                else ("messages", "role", "content", {r: r for r in _MESSAGE_ROLES})
+            )
+            messages, turn_keys = _read_turns(record, key, role_key, content_key, {**roles, **(role_map or {})})
+            ignored = _unread(record, (key,)) + tuple(f"{key}[].{k}" for k in turn_keys)
+        return Conversation(messages, index, ignored)
     except DatasetError as err:
         raise err.with_context(source, index) from None
+
+
+_ALPACA_KEYS = ("instruction", "input", "output", "system")
+
+
+def _unread(obj: dict, known) -> tuple[str, ...]:
+    return tuple(k for k in obj if k not in known)
 
 
 def _get_str(obj: dict, key: str, field_name: str, required: bool = True) -> str:
@@ -152,13 +196,16 @@ def _read_alpaca(record: dict) -> list[dict]:
     return head + [user, {"role": "assistant", "content": output}]
 
 
-def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+def _read_turns(
+    record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> tuple[list[dict], list[str]]:
+    """(messages, keys of turns that were not read, each once)."""
     turns = record.get(key)
     if turns is None:
         raise DatasetError("missing field", field=key)
     if not isinstance(turns, list):
         raise DatasetError(f"expected a list of turns, got {type(turns).__name__}", field=key)
-    messages = []
+    messages, unread = [], {}
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
@@ -170,9 +217,23 @@ def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: 
                 f"(e.g. ROLE_MAP={name}:user)",
                 field=f"{where}.{role_key}",
             )
-        messages.append({"role": roles[name], "content": _get_str(turn, content_key, f"{where}.{content_key}")})
+        message = {"role": roles[name], "content": _get_str(turn, content_key, f"{where}.{content_key}")}
+        if "weight" in turn:
+            message["weight"] = _weight(turn["weight"], message["role"], f"{where}.weight")
+        messages.append(message)
+        unread.update(dict.fromkeys(_unread(turn, (role_key, content_key, "weight"))))
     _check_turn_order(messages, f"{key}[{{}}].{role_key}")
-    return messages
+    return messages, list(unread)
+
+
+def _weight(value: Any, role: str, field_name: str) -> int:
+    if role != "assistant":
+        raise DatasetError(f"a weight is only read on assistant turns, this one is {role!r}", field=field_name)
+    if isinstance(value, bool) or value not in (0, 1):
+        raise DatasetError(
+            f"weight must be 0 (context only, not trained) or 1 (trained), got {value!r}", field=field_name
+        )
+    return int(value)
 
 
 def _check_turn_order(messages: list[dict], field_pattern: str) -> None:
@@ -282,28 +343,30 @@ def _load_with_datasets(name: str) -> list[dict]:
 def load_messages(
     path: str | Path, fmt: str = "auto", system_prompt: str | None = None, role_map: dict[str, str] | None = None
 ) -> list[list[dict]]:
-    """`to_messages` of every record in `path` (with `role_map`); `system_prompt`, when set, is
+    """The messages of `load_conversations(path, fmt, system_prompt, role_map)`."""
+    return [conversation.messages for conversation in load_conversations(path, fmt, system_prompt, role_map)]
+
+
+def load_conversations(
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None, role_map: dict[str, str] | None = None
+) -> list[Conversation]:
+    """`read_record` of every record in `path` (with `role_map`); `system_prompt`, when set, is
     prepended as a system message to conversations that have none.
 
     Every record is checked before anything is raised. One malformed record raises its own
     DatasetError (file, record index, field); several raise one DatasetError that lists them (the
     first 10 in full) and keeps them all in its `problems` attribute.
     """
-    return [messages for _, messages in _load_indexed(path, fmt, system_prompt, role_map)]
-
-
-def _load_indexed(path, fmt, system_prompt, role_map) -> list[tuple[int, list[dict]]]:
-    """`load_messages` as (record index in the file, messages) pairs."""
     conversations, problems = [], []
     for index, record in enumerate(load_records(path)):
         try:
-            messages = to_messages(record, fmt, source=str(path), index=index, role_map=role_map)
+            conversation = read_record(record, fmt, source=str(path), index=index, role_map=role_map)
         except DatasetError as err:
             problems.append(err)
             continue
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        conversations.append((index, messages))
+        if system_prompt and conversation.messages[0]["role"] != "system":
+            conversation.messages.insert(0, {"role": "system", "content": system_prompt})
+        conversations.append(conversation)
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -349,18 +412,19 @@ def load_splits(settings: Any) -> dict[str, list[list[dict]]]:
     `split_records` holds out records of the train file before anything is tokenized. Raises
     DatasetError (see `load_messages`, `split_records`).
     """
-    return {name: [messages for _, messages in pairs] for name, pairs in load_indexed_splits(settings).items()}
+    splits = load_conversation_splits(settings)
+    return {name: [conversation.messages for conversation in split] for name, split in splits.items()}
 
 
-def load_indexed_splits(settings) -> dict[str, list[tuple[int, list[dict]]]]:
-    """`load_splits` with each conversation's record index in its file (for the report)."""
+def load_conversation_splits(settings: Any) -> dict[str, list[Conversation]]:
+    """`load_splits` as Conversations: with each record's index in its file and its unread keys."""
     role_map = parse_role_map(settings.role_map)
     load_args = (settings.dataset_format, settings.system_prompt, role_map)
-    train = _load_indexed(settings.dataset_path, *load_args)
+    train = load_conversations(settings.dataset_path, *load_args)
     if settings.eval_dataset_path:
         if settings.eval_split_size:
             logger.info("eval_dataset_path is set, so eval_split_size=%s is ignored", settings.eval_split_size)
-        return {"train": train, "eval": _load_indexed(settings.eval_dataset_path, *load_args)}
+        return {"train": train, "eval": load_conversations(settings.eval_dataset_path, *load_args)}
     train, held_out = split_records(train, settings.eval_split_size, settings.seed)
     return {"train": train, "eval": held_out} if held_out else {"train": train}
 

@@ -18,6 +18,8 @@ class SplitReport:
     * max_seq_length), the share of row slots that hold tokens. Both stay None without packing.
 
     `dropped` names every dropped record: "<file>: record <index in the file>: <status>: <reason>".
+    `ignored_keys` counts, per key the readers did not read ("label", "messages[].name"), the records
+    that hold it.
     """
 
     records: int = 0
@@ -33,6 +35,7 @@ class SplitReport:
     packed_rows: int | None = None
     packing_efficiency: float | None = None
     dropped: list[str] = field(default_factory=list)
+    ignored_keys: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class BuildReport:
     packing: bool = False
 
     def format(self) -> str:
-        names = [f.name for f in fields(SplitReport) if f.name != "dropped"]
+        names = [f.name for f in fields(SplitReport) if f.name not in ("dropped", "ignored_keys")]
         if not self.packing:
             names = [n for n in names if n not in ("packed_rows", "packing_efficiency")]
         header = ["split"] + names
@@ -67,6 +70,9 @@ class BuildReport:
             more = len(report.dropped) - 10
             lines += [f"dropped from {split}: {line}" for line in report.dropped[:10]]
             lines += [f"dropped from {split}: ... and {more} more"] if more > 0 else []
+            if report.ignored_keys:
+                counts = ", ".join(f"{key!r} ({n} records)" for key, n in report.ignored_keys.items())
+                lines.append(f"not read in {split} (ignored): {counts}")
         return "\n".join(lines)
 
 

@@ -71,8 +71,8 @@ def render(messages: list[dict], template: str, tokenizer: Any = None, add_gener
 def render_segments(
     messages: list[dict], template: str, tokenizer: Any, add_generation_prompt: bool
 ) -> list[tuple[str, bool]]:
-    """The rendered text as (text, supervised) pieces; each assistant turn gives exactly one
-    supervised piece: its content plus the token that closes the turn."""
+    """The rendered text as (text, supervised) pieces; each assistant turn gives exactly one piece
+    holding its content plus the token that closes the turn, supervised unless its weight is 0."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     if template != "chatml" and tokenizer is None:
@@ -85,6 +85,11 @@ def render_segments(
         "tokenizer": _tokenizer_segments,
     }[template]
     return renderer(messages, tokenizer, add_generation_prompt)
+
+
+def is_trained(message: dict) -> bool:
+    """Whether an assistant message is supervised: yes unless it carries `"weight": 0` (context only)."""
+    return message.get("weight", 1) == 1
 
 
 def _alpaca_segments(messages, tokenizer, add_generation_prompt):
@@ -109,7 +114,7 @@ def _alpaca_segments(messages, tokenizer, add_generation_prompt):
             text += f"### Input:\n{input_text}\n\n" if input_text != "" else ""
             segments.append((text + "### Response:", False))
         elif message["role"] == "assistant" and previous == "user":
-            segments.append((message["content"] + tokenizer.eos_token, True))
+            segments.append((message["content"] + tokenizer.eos_token, is_trained(message)))
         else:
             raise ValueError(
                 "the 'alpaca' template needs alternating user/assistant turns after an optional system turn, "
@@ -123,7 +128,7 @@ def _chatml_segments(messages, tokenizer, add_generation_prompt):
     segments = []
     for m in messages:
         if m["role"] == "assistant":
-            segments += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            segments += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", is_trained(m)), ("\n", False)]
         else:
             segments.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
     if add_generation_prompt:
@@ -136,7 +141,7 @@ def _phi3_segments(messages, tokenizer, add_generation_prompt):
     for m in messages:
         tag = f"<|{m['role']}|>\n"
         if m["role"] == "assistant":
-            segments += [(tag, False), (m["content"] + "<|end|>", True), ("\n", False)]
+            segments += [(tag, False), (m["content"] + "<|end|>", is_trained(m)), ("\n", False)]
         elif m["role"] in ("system", "user"):
             segments.append((f"{tag}{m['content']}<|end|>\n", False))
         # the official template silently skips other roles; so do we (to_messages never makes them)
@@ -154,7 +159,7 @@ def _llama3_segments(messages, tokenizer, add_generation_prompt):
             (tokenizer.bos_token or "") if i == 0 else ""
         ) + f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
         body = m["content"].strip() + "<|eot_id|>"  # the official template applies jinja's `trim` == str.strip
-        segments += [(header, False), (body, True)] if m["role"] == "assistant" else [(header + body, False)]
+        segments += [(header, False), (body, is_trained(m))] if m["role"] == "assistant" else [(header + body, False)]
     if add_generation_prompt:
         segments.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
     return segments
@@ -185,7 +190,7 @@ def _tokenizer_segments(messages, tokenizer, add_generation_prompt):
         if message["role"] != "assistant":
             continue
         start, end = _assistant_span(tokenizer, messages, i, full, closers)
-        segments += [(full[position:start], False), (full[start:end], True)]
+        segments += [(full[position:start], False), (full[start:end], is_trained(message))]
         position = end
     segments.append((full[position:], False))
     return segments
