@@ -3,7 +3,8 @@
 The pipeline, one module per step (each imports only those above it in this list):
 
     data/readers.py    load_records(path) -> to_messages(record, fmt) -> load_splits(settings)
-    data/templates.py  render(messages, template, tokenizer), render_segments, stop ids, saved chat templates
+    data/templates.py  render(messages, template, tokenizer), render_segments, stop ids
+    data/chat_templates.py  chat_template_for: the Jinja template saved with a trained model
     data/examples.py   build_sft_example(messages, ...), encode_prompt, encode_prompt_completion (DPO)
     data/report.py     SplitReport, BuildReport
     data/dataset.py    build_sft_dataset(settings, tokenizer) -> datasets.DatasetDict (+ BuildReport)

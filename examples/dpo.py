@@ -29,7 +29,7 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
-from data.templates import chat_template_for  # noqa: E402
+from data.chat_templates import chat_template_for  # noqa: E402
 from finetune_llm_lora import save_generation_config  # noqa: E402
 from models import load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.dpo import (  # noqa: E402

@@ -33,7 +33,7 @@ from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
-from data.templates import chat_template_for  # noqa: E402
+from data.chat_templates import chat_template_for  # noqa: E402
 from finetune_llm_lora import held_out_prompts, measure, print_measurement, save_generation_config  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402

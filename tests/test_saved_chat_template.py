@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from data.examples import build_sft_example, encode_prompt
 from data.readers import to_messages
-from data.templates import chat_template_for, render
+from data.chat_templates import chat_template_for
+from data.templates import render
 from techniques.dpo import encode_pair
 from tests.tiny import make_tokenizer
 
