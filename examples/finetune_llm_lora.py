@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from transformers import GenerationConfig, set_seed  # noqa: E402
 
 from config import Settings, get_settings, save_settings  # noqa: E402
+from data.chat_templates import chat_template_for  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from data.readers import held_out_prompt, load_splits  # noqa: E402
-from data.chat_templates import chat_template_for  # noqa: E402
 from data.templates import stop_token_ids  # noqa: E402
 from inference import generate_replies  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
