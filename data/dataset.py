@@ -108,14 +108,18 @@ def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, 
     for conversation in conversations:
         for key in conversation.ignored_keys:
             report.ignored_keys[key] = report.ignored_keys.get(key, 0) + 1
-        example, status = build_sft_example_with_status(
-            conversation.messages,
-            tokenizer,
-            settings.prompt_template,
-            settings.max_seq_length,
-            settings.truncation_strategy,
-            settings.train_on_last_turn_only,
-        )
+        try:
+            example, status = build_sft_example_with_status(
+                conversation.messages,
+                tokenizer,
+                settings.prompt_template,
+                settings.max_seq_length,
+                settings.truncation_strategy,
+                settings.train_on_last_turn_only,
+                conversation.tools,
+            )
+        except ValueError as err:  # a turn the template cannot write (e.g. llama3: two calls in one turn)
+            raise DatasetError(str(err), source=source, index=conversation.index) from None
         if example is None:
             setattr(report, status, getattr(report, status) + 1)
             report.dropped.append(f"{source}: record {conversation.index}: {status}: {_DROP_REASONS[status]}")

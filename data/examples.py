@@ -28,6 +28,7 @@ def build_sft_example(
     max_seq_length: int,
     truncation_strategy: str = "truncate_prompt",
     train_on_last_turn_only: bool = False,
+    tools: list[dict] | None = None,
 ) -> dict | None:
     """Token ids and labels of one conversation, or None when it yields no supervised token.
 
@@ -65,24 +66,28 @@ def build_sft_example(
     that are not single tokens (see `check_template_tokens`).
     """
     example, _ = build_sft_example_with_status(
-        messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only
+        messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only, tools
     )
     return example
 
 
-def encode_prompt(messages: list[dict], template: str, tokenizer: Any) -> list[int]:
-    """Token ids of the generation prompt for `messages` (ending with a user turn), tokenized exactly
+def encode_prompt(messages: list[dict], template: str, tokenizer: Any, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the generation prompt for `messages` (ending with a user or tool turn; with the
+    tool list `tools` written as in training, see `data.templates.render`), tokenized exactly
     as `build_sft_example` tokenizes training text: the template's own BOS only (alpaca: the
     tokenizer's default BOS), never a second one. Use it instead of `tokenizer(render(...))`, which
     adds another BOS to llama3 text with tokenizers that prepend one by default.
     """
     check_template_tokens(template, tokenizer)
-    segments = [(text, False) for text, _ in render_segments(messages, template, tokenizer, add_generation_prompt=True)]
+    rendered = render_segments(messages, template, tokenizer, add_generation_prompt=True, tools=tools)
+    segments = [(text, False) for text, _ in rendered]
     ids, _ = _tokenize_segments(_merge_segments(segments), tokenizer)
     return (default_bos_ids(tokenizer) if template == "alpaca" else []) + ids
 
 
-def build_sft_example_with_status(messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only):
+def build_sft_example_with_status(
+    messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only, tools=None
+):
     """(example or None, status) with status "kept", "truncated", "dropped_too_long" or "dropped_no_supervised"."""
     if truncation_strategy not in TRUNCATION_STRATEGIES:
         raise ValueError(
@@ -91,7 +96,7 @@ def build_sft_example_with_status(messages, tokenizer, template, max_seq_length,
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     check_template_tokens(template, tokenizer)
-    segments = render_segments(messages, template, tokenizer, add_generation_prompt=False)
+    segments = render_segments(messages, template, tokenizer, add_generation_prompt=False, tools=tools)
     if train_on_last_turn_only:
         last = max(i for i, (_, flag) in enumerate(segments) if flag) if any(f for _, f in segments) else -1
         segments = [(text, i == last) for i, (text, _) in enumerate(segments)]

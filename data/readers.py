@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-_MESSAGE_ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # the roles of messages, and the targets of role_map
+_SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "function_call", "observation": "tool", "tool": "tool",
+}
 
 
 class DatasetError(ValueError):
@@ -91,14 +94,18 @@ def to_messages(
 
 @dataclass
 class Conversation:
-    """One record as read: its messages, its index in its file, and the keys the reader did not read.
+    """One record as read: its messages, its tool list, its index in its file, and the keys the
+    reader did not read.
 
-    `ignored_keys` names each such key once, record keys by name ("label") and keys of turns by
+    `tools` is the record's tool list in the form chat templates take (`tools=`): a list of
+    `{"type": "function", "function": {"name", "description", "parameters"}}`, or None.
+    `ignored_keys` names each unread key once, record keys by name ("label") and keys of turns by
     their list ("messages[].name"): the dataset report counts them, so nothing is dropped unseen.
     """
 
     messages: list[dict]
     index: int | None = None
+    tools: list[dict] | None = None
     ignored_keys: tuple[str, ...] = ()
 
 
@@ -110,40 +117,54 @@ def read_record(
     index: int | None = None,
     role_map: dict[str, str] | None = None,
 ) -> Conversation:
-    """One record as a Conversation of chat messages `{"role", "content"}` (+ `weight`, see below).
+    """One record as a Conversation of chat messages `{"role", "content"}` (+ `weight`, `tool_calls`).
 
     Args:
         record: one row of a data file.
         fmt: None or "auto" (detect by keys, see `detect_format`), "alpaca" (`instruction`, optional
-            `input`, `output`, optional `system`), "sharegpt" (`conversations` of `from`/`value`;
-            roles system, human/user, gpt/assistant) or "messages" (`messages` of `role`/`content`).
-            Any other key (a record's `label`, a message's `name`) is not read and is listed in
-            `ignored_keys`.
+            `input`, `output`, optional `system`), "sharegpt" (`conversations` of `from`/`value`,
+            optional `system`; roles system, human/user, gpt/assistant, function_call, observation)
+            or "messages" (`messages` of `role`/`content`; roles system, user, assistant, tool).
+            Every format may give a `tools` list. Any other key (a record's `label`, a message's
+            `name`) is not read and is listed in `ignored_keys`.
         source, index: file name and record index, used in error messages (and `index` kept).
-        role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"function_call":
-            "assistant", "observation": "user"} (setting `role_map`); each maps to system, user or
-            assistant, and then follows the turn rules below like any other turn of that role.
+        role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"bot": "assistant"}
+            (setting `role_map`); each maps to system, user, assistant or tool, and then follows the
+            turn rules below like any other turn of that role. It wins over the built-in names.
 
     Alpaca: the user content is `instruction` + ("\\n\\n" + input when input != ""), and the user
     message also keeps the keys `instruction` and `input` so the alpaca template can render the
-    canonical with-input prompt. A non-empty `system` becomes a system message.
+    canonical with-input prompt. A non-empty `system` becomes a system message (also in ShareGPT,
+    whose conversation must then not start with its own system turn).
+
+    Tool calling, in the form transformers' chat templates take it (and `data.templates` renders):
+    - an assistant message may hold `tool_calls`: [{"type": "function", "function": {"name": str,
+      "arguments": dict}}] (OpenAI messages: `tool_calls` as OpenAI writes them, arguments a JSON
+      string or an object, `content` may be null; ShareGPT: a `function_call` turn whose value is
+      the JSON call {"name", "arguments"} or a list of them, content "");
+    - a tool result is a message of role "tool" (OpenAI role `tool`, ShareGPT `observation`);
+      `tool_call_id` and `name` are kept;
+    - `tools`: a list (or its JSON string, as glaive / LLaMA-Factory store it) of function schemas,
+      each `{"name", "description", "parameters"}` or OpenAI's `{"type": "function", "function": ...}`,
+      kept in the second form; an empty list is None.
 
     Weights (OpenAI chat fine-tuning format; mistral-finetune, axolotl): an assistant message or
     ShareGPT gpt turn may carry `"weight": 0` (context only: rendered, never trained) or `1` (trained,
     the default); the message keeps it.
 
-    Turn rules (checked for every format): an optional system turn, only first, and kept; then
-    user and assistant alternate starting with user (two consecutive turns of one role, after
-    `role_map`, are rejected, never merged or dropped: merge them in the data); at least one
-    assistant turn; a trailing user turn is kept (it is rendered as prompt and never supervised).
-    Every turn of the record becomes one message; roles come from the role field, never from
-    positions.
+    Turn rules (checked for every format): an optional system turn, only first, and kept; then a
+    user turn; the assistant answers a user turn or tool results; tool results follow an assistant
+    turn with tool calls (or another result) and are followed by an assistant turn; two
+    consecutive user or assistant turns (after `role_map`) are rejected, never merged or dropped:
+    merge them in the data. At least one assistant turn; a trailing user turn is kept (it is
+    rendered as prompt and never supervised). Every turn of the record becomes one message; roles
+    come from the role field, never from positions.
 
     Raises:
-        DatasetError: missing field, wrong type, unknown role not in `role_map` (e.g. `function_call`,
-            `observation`, `tool`), a weight other than 0 or 1 or on a non-assistant turn, empty
-            conversation, broken turn order, no assistant turn. The message names `source`, `index`,
-            the field and, for a role, the role itself.
+        DatasetError: missing field, wrong type, unknown role not in `role_map`, a tool call or tool
+            list that is not valid JSON of the shape above, a weight other than 0 or 1 or on a
+            non-assistant turn, empty conversation, broken turn order, no assistant turn. The
+            message names `source`, `index`, the field and, for a role, the role itself.
         ValueError: unknown `fmt`.
     """
     if fmt not in (None, *FORMATS):
@@ -152,21 +173,26 @@ def read_record(
         if not isinstance(record, dict):
             raise DatasetError(f"expected a JSON object, got {type(record).__name__}")
         fmt = detect_format(record) if fmt in (None, "auto") else fmt
+        tools = read_tools(record["tools"], "tools") if "tools" in record else None
         if fmt == "alpaca":
             messages, ignored = _read_alpaca(record), _unread(record, _ALPACA_KEYS)
         else:
-            key, role_key, content_key, roles = (
-                ("conversations", "from", "value", _SHAREGPT_ROLES) if fmt == "sharegpt"
-                else ("messages", "role", "content", {r: r for r in _MESSAGE_ROLES})
+            key, role_key, content_key, roles, known = (
+                ("conversations", "from", "value", _SHAREGPT_ROLES, _SHAREGPT_KEYS) if fmt == "sharegpt"
+                else ("messages", "role", "content", {r: r for r in ROLES}, _MESSAGES_KEYS)
             )
             messages, turn_keys = _read_turns(record, key, role_key, content_key, {**roles, **(role_map or {})})
-            ignored = _unread(record, (key,)) + tuple(f"{key}[].{k}" for k in turn_keys)
-        return Conversation(messages, index, ignored)
+            ignored = _unread(record, known) + tuple(f"{key}[].{k}" for k in turn_keys)
+        return Conversation(messages, index, tools, ignored)
     except DatasetError as err:
         raise err.with_context(source, index) from None
 
 
-_ALPACA_KEYS = ("instruction", "input", "output", "system")
+_ALPACA_KEYS = ("instruction", "input", "output", "system", "tools")
+_SHAREGPT_KEYS = ("conversations", "system", "tools")
+_MESSAGES_KEYS = ("messages", "tools")
+_FUNCTION_CALL = "function_call"  # ShareGPT's tool-call turn (glaive, LLaMA-Factory), read into `tool_calls`
+_TURN_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}  # read on turns of these roles
 
 
 def _unread(obj: dict, known) -> tuple[str, ...]:
@@ -217,13 +243,85 @@ def _read_turns(
                 f"(e.g. ROLE_MAP={name}:user)",
                 field=f"{where}.{role_key}",
             )
-        message = {"role": roles[name], "content": _get_str(turn, content_key, f"{where}.{content_key}")}
-        if "weight" in turn:
-            message["weight"] = _weight(turn["weight"], message["role"], f"{where}.weight")
-        messages.append(message)
-        unread.update(dict.fromkeys(_unread(turn, (role_key, content_key, "weight"))))
-    _check_turn_order(messages, f"{key}[{{}}].{role_key}")
+        messages.append(_read_turn(turn, roles[name], where, content_key))
+        known = (role_key, content_key, "weight", *_TURN_KEYS.get(messages[-1]["role"], ()))
+        unread.update(dict.fromkeys(_unread(turn, known)))
+    system = _get_str(record, "system", "system", required=False) if key == "conversations" else ""
+    if system:
+        if messages and messages[0]["role"] == "system":
+            raise DatasetError("a system text in both the record and its first turn; keep one", field="system")
+        messages.insert(0, {"role": "system", "content": system})
+    _check_turn_order(messages, f"{key}[{{}}].{role_key}", offset=int(bool(system)))
     return messages, list(unread)
+
+
+def _read_turn(turn: dict, role: str, where: str, content_key: str) -> dict:
+    content_field = f"{where}.{content_key}"
+    if role == _FUNCTION_CALL:
+        calls = _read_calls(_json(_get_str(turn, content_key, content_field), content_field), content_field)
+        message = {"role": "assistant", "content": "", "tool_calls": calls}
+    elif role == "assistant" and turn.get("tool_calls"):
+        content = _get_str(turn, content_key, content_field, required=False)  # OpenAI: null beside calls
+        message = {"role": role, "content": content, "tool_calls": _read_calls(turn["tool_calls"], f"{where}.tool_calls")}
+    else:
+        message = {"role": role, "content": _get_str(turn, content_key, content_field)}
+    if turn.get("tool_calls") and message["role"] != "assistant":
+        raise DatasetError(f"tool calls on a {role!r} turn; only assistant turns call tools", field=f"{where}.tool_calls")
+    if role == "tool":
+        message.update({k: turn[k] for k in ("tool_call_id", "name") if k in turn})
+    if "weight" in turn:
+        message["weight"] = _weight(turn["weight"], message["role"], f"{where}.weight")
+    return message
+
+
+def _json(text: str, field_name: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"not valid JSON ({err.msg} at character {err.pos}): {text[:60]!r}", field=field_name) from None
+
+
+def _read_calls(value: Any, field_name: str) -> list[dict]:
+    """Tool calls (one call or a list; OpenAI `{"function": {...}}` or bare `{"name", "arguments"}`)
+    as [{"type": "function", "function": {"name": str, "arguments": dict}}] (+ the call's `id`)."""
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise DatasetError("an empty list of tool calls", field=field_name)
+    read = []
+    for j, call in enumerate(calls):
+        where = f"{field_name}[{j}]" if isinstance(value, list) else field_name
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DatasetError('expected a tool call {"name": str, "arguments": {...}}', field=where)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _json(arguments, f"{where}.arguments")
+        if not isinstance(arguments, dict):
+            raise DatasetError(f"tool call arguments must be a JSON object, got {type(arguments).__name__}", field=where)
+        read.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        if isinstance(call, dict) and "id" in call:
+            read[-1]["id"] = call["id"]
+    return read
+
+
+def read_tools(value: Any, field_name: str = "tools") -> list[dict] | None:
+    """A tool list (a list, or its JSON string) as [{"type": "function", "function": schema}], None when
+    empty. Each schema needs a string `name`. Raises DatasetError naming `field_name` (and the item)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = _json(value, field_name)
+    if not isinstance(value, list):
+        raise DatasetError(f"expected a list of function schemas, got {type(value).__name__}", field=field_name)
+    tools = []
+    for j, tool in enumerate(value):
+        schema = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise DatasetError(
+                'expected a function schema {"name": str, "description", "parameters"}', field=f"{field_name}[{j}]"
+            )
+        tools.append({"type": "function", "function": schema})
+    return tools or None
 
 
 def _weight(value: Any, role: str, field_name: str) -> int:
@@ -236,20 +334,29 @@ def _weight(value: Any, role: str, field_name: str) -> int:
     return int(value)
 
 
-def _check_turn_order(messages: list[dict], field_pattern: str) -> None:
+def _check_turn_order(messages: list[dict], field_pattern: str, offset: int = 0) -> None:
+    """Raise DatasetError at the first turn that breaks the rules of `read_record`; `offset` = messages
+    that are not turns of the list (a record-level system text), for the field name."""
     if not messages:
         raise DatasetError("empty conversation", field=field_pattern.split("[")[0])
     previous = None
     for i, message in enumerate(messages):
-        role, where = message["role"], field_pattern.format(i)
+        role, where = message["role"], field_pattern.format(i - offset)
         if role == "system" and i > 0:
             raise DatasetError("a system turn is only allowed as the first turn", field=where)
-        if role == "assistant" and previous in (None, "system"):
+        if role in ("assistant", "tool") and previous in (None, "system"):
             raise DatasetError(
                 "the conversation must start with a user turn (after an optional system turn)", field=where
             )
-        if role == previous:
-            raise DatasetError(f"two consecutive {role!r} turns ({i - 1} and {i}); merge them in the data", field=where)
+        if role == "tool" and not (previous == "tool" or messages[i - 1].get("tool_calls")):
+            raise DatasetError("a tool result must follow an assistant turn with tool calls", field=where)
+        if previous == "tool" and role not in ("tool", "assistant"):
+            raise DatasetError(f"tool results must be followed by the assistant's turn, not {role!r}", field=where)
+        if role == previous and role != "tool":
+            raise DatasetError(
+                f"two consecutive {role!r} turns ({i - 1 - offset} and {i - offset}); merge them in the data",
+                field=where,
+            )
         previous = role
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError("no assistant turn, nothing to train on", field=field_pattern.split("[")[0])
@@ -430,13 +537,13 @@ def load_conversation_splits(settings: Any) -> dict[str, list[Conversation]]:
 
 
 def parse_role_map(pairs: list[str]) -> dict[str, str]:
-    """The `role_map` setting, ["function_call:assistant", "observation:user"], as a dict. Raises
-    ValueError for a pair that is not `from:to` with to = system, user or assistant."""
+    """The `role_map` setting, ["bot:assistant", "tool_response:tool"], as a dict. Raises ValueError
+    for a pair that is not `from:to` with to = system, user, assistant or tool."""
     role_map = {}
     for pair in pairs:
         name, _, role = pair.partition(":")
-        if not name or role not in _MESSAGE_ROLES:
-            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {_MESSAGE_ROLES}")
+        if not name or role not in ROLES:
+            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {ROLES}")
         role_map[name] = role
     return role_map
 

@@ -22,6 +22,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from data.tools import (
+    LLAMA31_SYSTEM_HEAD,
+    arguments_json,
+    call_function,
+    hermes_answer,
+    hermes_result,
+    hermes_system,
+    llama31_call,
+    llama31_result,
+    llama31_tool_prompt,
+)
+
 TEMPLATES = ("alpaca", "chatml", "phi3", "llama3", "tokenizer")
 
 # Stanford Alpaca train.py PROMPT_DICT, split into the preamble sentence and the blocks after it,
@@ -46,8 +58,14 @@ _TEMPLATE_TOKENS = {
 _TURN_END = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>"}
 
 
-def render(messages: list[dict], template: str, tokenizer: Any = None, add_generation_prompt: bool = False) -> str:
-    """The text the model sees for `messages` under `template` (one of TEMPLATES).
+def render(
+    messages: list[dict],
+    template: str,
+    tokenizer: Any = None,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
+    """The text the model sees for `messages` (and the tool list `tools`) under `template`.
 
     - "alpaca": Stanford Alpaca's prompt; each assistant turn is `content + eos_token` directly
       after "### Response:". A system message replaces the preamble sentence. Multi-turn rule:
@@ -56,21 +74,39 @@ def render(messages: list[dict], template: str, tokenizer: Any = None, add_gener
       `add_generation_prompt` changes nothing here.
     - "chatml", "phi3", "llama3": byte-identical to the official templates rendered by
       `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
-    - "tokenizer": `tokenizer.apply_chat_template` with the tokenizer's own chat template.
+    - "tokenizer": `tokenizer.apply_chat_template(messages, tools=tools)` with the tokenizer's own
+      chat template (which must write the tool list and calls when the data has them).
+
+    Tool calling (`tools`, assistant `tool_calls`, role "tool"; see `data.tools`), one way per template:
+    - chatml: Qwen2.5's format, byte-identical to Qwen2.5-Instruct's template when the conversation
+      has a system turn (without one, Qwen writes its own default system text, we write none): the
+      tool list in the system turn, calls as <tool_call> blocks in the assistant turn, results as a
+      user turn of <tool_response> blocks.
+    - phi3, alpaca: Phi-3 and Alpaca publish no tool format, so the same Hermes/Qwen2.5 blocks in
+      their own turns: phi3 puts the tool list in its system turn and results in a <|user|> turn;
+      alpaca appends the tool list to its preamble (or system text) and writes results as
+      "\\n\\n### Input:\\n<tool_response>...</tool_response>\\n\\n### Response:".
+    - llama3: a conversation with tools or tool messages is written as Llama-3.1-Instruct's template
+      writes it, byte for byte (its system turn with "Environment: ipython" and the cutting-knowledge
+      date lines, the tool list before the first user message, one JSON call per assistant turn,
+      results in an "ipython" turn); one without, as Llama 3's.
 
     `tokenizer` supplies bos/eos text and may be None only for "chatml". Raises ValueError for an
-    unknown template, a missing tokenizer, or alpaca messages whose turns do not alternate.
+    unknown template, a missing tokenizer, turns the template cannot write (alpaca: turns out of
+    order; llama3: two calls or text beside a call in one turn), or a "tokenizer" chat template that
+    drops the tool list or the calls.
     """
     if template == "tokenizer":
-        return _apply_chat_template(tokenizer, messages, add_generation_prompt)
-    return "".join(text for text, _ in render_segments(messages, template, tokenizer, add_generation_prompt))
+        return _apply_chat_template(tokenizer, messages, add_generation_prompt, tools or None)
+    return "".join(text for text, _ in render_segments(messages, template, tokenizer, add_generation_prompt, tools))
 
 
 def render_segments(
-    messages: list[dict], template: str, tokenizer: Any, add_generation_prompt: bool
+    messages: list[dict], template: str, tokenizer: Any, add_generation_prompt: bool, tools: list[dict] | None = None
 ) -> list[tuple[str, bool]]:
     """The rendered text as (text, supervised) pieces; each assistant turn gives exactly one piece
-    holding its content plus the token that closes the turn, supervised unless its weight is 0."""
+    holding its content (and tool calls) plus the token that closes the turn, supervised unless its
+    weight is 0. System, user and tool turns and the tool list are never supervised."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     if template != "chatml" and tokenizer is None:
@@ -82,7 +118,7 @@ def render_segments(
         "llama3": _llama3_segments,
         "tokenizer": _tokenizer_segments,
     }[template]
-    return renderer(messages, tokenizer, add_generation_prompt)
+    return renderer(messages, tokenizer, add_generation_prompt, tools or None)
 
 
 def is_trained(message: dict) -> bool:
@@ -90,14 +126,23 @@ def is_trained(message: dict) -> bool:
     return message.get("weight", 1) == 1
 
 
-def _alpaca_segments(messages, tokenizer, add_generation_prompt):
+def _tool_results(messages: list[dict], i: int, opening: str, closing: str) -> str:
+    """Tool result i as one <tool_response> block; consecutive results share one turn (`opening` before
+    the first, `closing` after the last, one line between blocks), as Qwen2.5 groups them."""
+    first = i == 0 or messages[i - 1]["role"] != "tool"
+    last = i + 1 == len(messages) or messages[i + 1]["role"] != "tool"
+    return (opening if first else "\n") + hermes_result(messages[i]["content"]) + (closing if last else "")
+
+
+def _alpaca_segments(messages, tokenizer, add_generation_prompt, tools):
     if tokenizer.eos_token is None:
         raise ValueError("the 'alpaca' template needs tokenizer.eos_token to end each answer, but it is None")
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else messages
     segments, previous = [], None
-    for message in turns:
-        if message["role"] == "user":
+    for i, message in enumerate(turns):
+        role = message["role"]
+        if role == "user":
             instruction, input_text = message.get("instruction", message["content"]), message.get("input", "")
             if previous is None:
                 preamble = (
@@ -105,43 +150,56 @@ def _alpaca_segments(messages, tokenizer, add_generation_prompt):
                     if system is not None
                     else (ALPACA_PREAMBLE_INPUT if input_text else ALPACA_PREAMBLE_NO_INPUT)
                 )
-                text = preamble + "\n\n"
+                text = hermes_system(preamble, tools) + "\n\n"
             else:
                 text = "\n\n"
             text += f"### Instruction:\n{instruction}\n\n"
             text += f"### Input:\n{input_text}\n\n" if input_text != "" else ""
             segments.append((text + "### Response:", False))
-        elif message["role"] == "assistant" and previous == "user":
-            segments.append((message["content"] + tokenizer.eos_token, is_trained(message)))
+        elif role == "assistant" and previous in ("user", "tool"):
+            segments.append((hermes_answer(message) + tokenizer.eos_token, is_trained(message)))
+        elif role == "tool" and previous in ("assistant", "tool"):
+            segments.append((_tool_results(turns, i, "\n\n### Input:\n", "\n\n### Response:"), False))
         else:
             raise ValueError(
-                "the 'alpaca' template needs alternating user/assistant turns after an optional system turn, "
-                f"got {message['role']!r} after {previous!r}"
+                "the 'alpaca' template needs user/assistant turns in turn (tool results after an assistant turn) "
+                f"after an optional system turn, got {role!r} after {previous!r}"
             )
-        previous = message["role"]
+        previous = role
     return segments
 
 
-def _chatml_segments(messages, tokenizer, add_generation_prompt):
+def _chatml_segments(messages, tokenizer, add_generation_prompt, tools):
     segments = []
-    for m in messages:
+    if tools and not (messages and messages[0]["role"] == "system"):
+        segments.append((f"<|im_start|>system\n{hermes_system(None, tools)}<|im_end|>\n", False))
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            segments += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", is_trained(m)), ("\n", False)]
+            answer = hermes_answer(m) + "<|im_end|>"
+            segments += [("<|im_start|>assistant\n", False), (answer, is_trained(m)), ("\n", False)]
+        elif m["role"] == "tool":
+            segments.append((_tool_results(messages, i, "<|im_start|>user\n", "<|im_end|>\n"), False))
         else:
-            segments.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+            content = hermes_system(m["content"], tools) if i == 0 and m["role"] == "system" else m["content"]
+            segments.append((f"<|im_start|>{m['role']}\n{content}<|im_end|>\n", False))
     if add_generation_prompt:
         segments.append(("<|im_start|>assistant\n", False))
     return segments
 
 
-def _phi3_segments(messages, tokenizer, add_generation_prompt):
+def _phi3_segments(messages, tokenizer, add_generation_prompt, tools):
     segments = []
-    for m in messages:
+    if tools and not (messages and messages[0]["role"] == "system"):
+        segments.append((f"<|system|>\n{hermes_system(None, tools)}<|end|>\n", False))
+    for i, m in enumerate(messages):
         tag = f"<|{m['role']}|>\n"
         if m["role"] == "assistant":
-            segments += [(tag, False), (m["content"] + "<|end|>", is_trained(m)), ("\n", False)]
+            segments += [(tag, False), (hermes_answer(m) + "<|end|>", is_trained(m)), ("\n", False)]
+        elif m["role"] == "tool":
+            segments.append((_tool_results(messages, i, "<|user|>\n", "<|end|>\n"), False))
         elif m["role"] in ("system", "user"):
-            segments.append((f"{tag}{m['content']}<|end|>\n", False))
+            content = hermes_system(m["content"], tools) if i == 0 and m["role"] == "system" else m["content"]
+            segments.append((f"{tag}{content}<|end|>\n", False))
         # the official template silently skips other roles; so do we (to_messages never makes them)
     if add_generation_prompt:
         segments.append(("<|assistant|>\n", False))
@@ -150,7 +208,9 @@ def _phi3_segments(messages, tokenizer, add_generation_prompt):
     return segments
 
 
-def _llama3_segments(messages, tokenizer, add_generation_prompt):
+def _llama3_segments(messages, tokenizer, add_generation_prompt, tools):
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        return _llama31_segments(messages, tokenizer, add_generation_prompt, tools)
     segments = []
     for i, m in enumerate(messages):
         header = (
@@ -163,50 +223,103 @@ def _llama3_segments(messages, tokenizer, add_generation_prompt):
     return segments
 
 
-def _apply_chat_template(tokenizer, messages, add_generation_prompt) -> str:
+def _llama31_segments(messages, tokenizer, add_generation_prompt, tools):
+    """Llama-3.1-Instruct's chat template (custom tools in the first user message, no builtin tools)."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    rest = messages[1:] if has_system else messages
+    system = (
+        (tokenizer.bos_token or "") + "<|start_header_id|>system<|end_header_id|>\n\n"
+        + ("Environment: ipython\n" if tools else "") + LLAMA31_SYSTEM_HEAD
+        + (messages[0]["content"].strip() if has_system else "") + "<|eot_id|>"
+    )
+    segments = [(system, False)]
+    if tools:
+        if not rest or rest[0]["role"] != "user":
+            raise ValueError("the llama3 template (Llama 3.1 tools) puts the tool list in the first user turn: none")
+        user = llama31_tool_prompt(tools, rest[0]["content"])
+        segments.append((f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>", False))
+        rest = rest[1:]
+    for m in rest:
+        header = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+        if m["role"] == "tool":
+            segments.append((f"<|start_header_id|>ipython<|end_header_id|>\n\n{llama31_result(m['content'])}<|eot_id|>", False))
+        elif m["role"] == "assistant":
+            body = llama31_call(m) if m.get("tool_calls") else m["content"].strip()
+            segments += [(header, False), (body + "<|eot_id|>", is_trained(m))]
+        else:
+            segments.append((header + m["content"].strip() + "<|eot_id|>", False))
+    if add_generation_prompt:
+        segments.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+    return segments
+
+
+# Message keys a model's own chat template reads; ours (alpaca's instruction/input, weight) stay out.
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def _apply_chat_template(tokenizer, messages, add_generation_prompt, tools=None) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the 'tokenizer' template needs a tokenizer with a chat_template; pick alpaca/chatml/phi3/llama3 instead"
         )
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # alpaca's extra keys stay out of jinja
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    plain = [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    _check_tools_rendered(text, messages, tools)
+    return text
 
 
-def _tokenizer_segments(messages, tokenizer, add_generation_prompt):
+def _check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None) -> None:
+    """A chat template without tool support (SmolLM2's) silently drops the tool list and the calls."""
+    names = [call_function(t)["name"] for t in tools or []]
+    names += [call_function(c)["name"] for m in messages for c in m.get("tool_calls") or []]
+    missing = sorted({name for name in names if name not in text})
+    if missing:
+        raise ValueError(
+            f"the tokenizer's chat template does not write the tool list or tool calls (it drops {missing}); "
+            "use PROMPT_TEMPLATE=chatml, phi3, llama3 or alpaca, which write them (see data/templates.py)"
+        )
+
+
+def _tokenizer_segments(messages, tokenizer, add_generation_prompt, tools):
     """Assistant spans of the tokenizer's own template, found by rendering prefixes.
 
     For assistant turn i the span starts where `render(messages[:i], add_generation_prompt=True)`
     ends (that prefix must be a prefix of the full text) and ends right after the first special
-    token that follows the turn's content, e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; the
+    token that follows the turn's content and tool calls (their function names and arguments JSON,
+    when the template writes them so), e.g. <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; the
     search stops where `render(messages[:i+1])` stops agreeing with the full text. Without such a
     token the span ends there. What follows the closing token ("\\n", a final eos) is prompt.
     """
-    full = _apply_chat_template(tokenizer, messages, add_generation_prompt)
+    full = _apply_chat_template(tokenizer, messages, add_generation_prompt, tools)
     closers = _special_token_pattern(tokenizer)
     segments, position = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = _assistant_span(tokenizer, messages, i, full, closers)
+        start, end = _assistant_span(tokenizer, messages, i, full, closers, tools)
         segments += [(full[position:start], False), (full[start:end], is_trained(message))]
         position = end
     segments.append((full[position:], False))
     return segments
 
 
-def _assistant_span(tokenizer, messages, i, full, closers) -> tuple[int, int]:
-    prefix = _apply_chat_template(tokenizer, messages[:i], True)
+def _assistant_span(tokenizer, messages, i, full, closers, tools) -> tuple[int, int]:
+    prefix = _apply_chat_template(tokenizer, messages[:i], True, tools)
     if not full.startswith(prefix):
         raise ValueError(
             f"the tokenizer's chat template renders turn {i} differently once later turns follow, so assistant "
             "spans cannot be found by prefix rendering; use one of the hand-written templates instead"
         )
-    with_turn = _apply_chat_template(tokenizer, messages[: i + 1], False)
+    with_turn = _apply_chat_template(tokenizer, messages[: i + 1], False, tools)
     limit = len(prefix) + _common_prefix_length(with_turn[len(prefix) :], full[len(prefix) :])
-    content = messages[i]["content"].strip()
-    found = full.find(content, len(prefix), limit)
-    after_content = found + len(content) if found >= 0 else len(prefix)
-    closer = closers.search(full, after_content, limit) if closers else None
+    after = len(prefix)
+    pieces = [messages[i]["content"].strip()]
+    for call in messages[i].get("tool_calls") or []:
+        pieces += [call_function(call)["name"], arguments_json(call_function(call)["arguments"])]
+    for piece in pieces:  # each found after the one before it, when the template writes it that way
+        found = full.find(piece, after, limit) if piece else -1
+        after = found + len(piece) if found >= 0 else after
+    closer = closers.search(full, after, limit) if closers else None
     return len(prefix), closer.end() if closer else limit
 
 
@@ -239,7 +352,7 @@ def turn_end_token(template: str, tokenizer: Any) -> str:
     if template != "tokenizer":
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    supervised = next(text for text, flag in _tokenizer_segments(probe, tokenizer, False) if flag)
+    supervised = next(text for text, flag in _tokenizer_segments(probe, tokenizer, False, None) if flag)
     closers = _special_token_pattern(tokenizer)
     match = closers.search(supervised) if closers else None
     return match.group(0) if match else tokenizer.eos_token

@@ -792,16 +792,22 @@ MALFORMED = [
     ({"instruction": "x"}, "alpaca", "output", "missing field"),
     ({"instruction": 3, "output": "y"}, "alpaca", "instruction", "expected a string"),
     (
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "f()"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
         "sharegpt",
         "conversations[1].from",
-        "unknown role 'function_call'",
+        "unknown role 'bot'",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "f()"}]},
+        "sharegpt",
+        "conversations[1].value",
+        "not valid JSON",
     ),
     (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "observation", "value": "o"}]},
         "auto",
         "conversations[1].from",
-        "unknown role 'observation'",
+        "a tool result must follow an assistant turn with tool calls",
     ),
     (
         {
@@ -813,7 +819,7 @@ MALFORMED = [
         },
         "messages",
         "messages[2].role",
-        "unknown role 'tool'",
+        "a tool result must follow an assistant turn with tool calls",
     ),
     ({"conversations": []}, "sharegpt", "conversations", "empty conversation"),
     ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt", "conversations", "no assistant turn"),
@@ -924,11 +930,12 @@ GLAIVE_LIKE = {  # a function-calling record in ShareGPT form (roles as LLaMA-Fa
 
 
 def test_unknown_role_error_names_the_role_the_record_and_the_setting(tmp_path):
-    path = write_jsonl(tmp_path / "calls.jsonl", [CHAT_RECORDS[0], GLAIVE_LIKE])
+    bot = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}
+    path = write_jsonl(tmp_path / "calls.jsonl", [CHAT_RECORDS[0], bot])
     with pytest.raises(DatasetError) as info:
         load_messages(path)
-    assert (info.value.index, info.value.field) == (1, "conversations[2].from")
-    assert "record 1" in str(info.value) and "unknown role 'function_call'" in str(info.value)
+    assert (info.value.index, info.value.field) == (1, "conversations[1].from")
+    assert "record 1" in str(info.value) and "unknown role 'bot'" in str(info.value)
     assert "role_map" in str(info.value)
 
 

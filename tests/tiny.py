@@ -86,7 +86,7 @@ CORPUS = [
 
 
 @cache
-def _trained_json(family: str, vocab_size: int) -> str:
+def _trained_json(family: str, vocab_size: int, extra_corpus: tuple[str, ...] = ()) -> str:
     spec = FAMILIES[family]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,7 +97,7 @@ def _trained_json(family: str, vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(CORPUS * 4 + list(extra_corpus), trainer)
     if spec["adds_bos"]:
         bos = spec["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -106,10 +106,11 @@ def _trained_json(family: str, vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def make_tokenizer(family: str, vocab_size: int = 500) -> PreTrainedTokenizerFast:
-    """A fresh fast tokenizer of `family` (see module docstring)."""
+def make_tokenizer(family: str, vocab_size: int = 500, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A fresh fast tokenizer of `family` (see module docstring); `extra_corpus` (with a larger
+    `vocab_size`) makes the text of a given dataset short, e.g. for a toy training run on it."""
     spec = FAMILIES[family]
-    backend = Tokenizer.from_str(_trained_json(family, vocab_size))
+    backend = Tokenizer.from_str(_trained_json(family, vocab_size, tuple(extra_corpus)))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=spec["bos_token"],
