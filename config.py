@@ -152,7 +152,8 @@ class DataSettings(BaseModel):
     system_prompt: str | None = Field(None, description="System prompt added to conversations that have none.")
     max_seq_length: int = Field(512, ge=8, description="Longest example in tokens; longer ones follow truncation_strategy.")
     truncation_strategy: Literal["truncate_prompt", "drop"] = Field(
-        "truncate_prompt", description="Over-long examples: truncate_prompt (cut the prompt from the left) or drop."
+        "truncate_prompt", description="Over-long examples lose whole earliest exchanges first; when the last exchange "
+        "alone is too long: truncate_prompt (cut its prompt from the left, the answer kept whole) or drop."
     )
     train_on_last_turn_only: bool = Field(False, description="Supervise only the last assistant turn of each conversation.")
     role_map: Annotated[list[str], NoDecode] = Field(

@@ -97,8 +97,11 @@ def _validate_settings(settings, tokenizer) -> None:
 
 
 _DROP_REASONS = {
-    "dropped_too_long": "longer than max_seq_length (truncation_strategy=drop)",
-    "dropped_no_supervised": "no supervised token (an empty answer, or truncation left none)",
+    ("dropped_too_long", "drop"): "its last exchange alone is longer than max_seq_length (truncation_strategy=drop)",
+    ("dropped_too_long", "truncate_prompt"): "its last answer alone (with the assistant header) is longer than "
+    "max_seq_length, and an answer is never trained without its prompt",
+    ("dropped_no_supervised", "drop"): "no supervised token (an empty answer, or every answer has weight 0)",
+    ("dropped_no_supervised", "truncate_prompt"): "no supervised token (an empty answer, or every answer has weight 0)",
 }
 
 
@@ -122,10 +125,12 @@ def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, 
             raise DatasetError(str(err), source=source, index=conversation.index) from None
         if example is None:
             setattr(report, status, getattr(report, status) + 1)
-            report.dropped.append(f"{source}: record {conversation.index}: {status}: {_DROP_REASONS[status]}")
+            reason = _DROP_REASONS[status, settings.truncation_strategy]
+            report.dropped.append(f"{source}: record {conversation.index}: {status}: {reason}")
             continue
         report.kept += 1
-        report.truncated += int(status == "truncated")
+        report.truncated += int(status in ("truncated", "truncated_mid_turn"))
+        report.truncated_mid_turn += int(status == "truncated_mid_turn")
         for key in rows:
             rows[key].append(example[key])
     lengths = sorted(len(ids) for ids in rows["input_ids"])

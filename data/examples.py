@@ -13,9 +13,10 @@ exactly, whatever the token ids are (pad == eos cannot mask the real EOS), and a
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
-from data.templates import check_template_tokens, default_bos_ids, render_segments
+from data.templates import check_template_tokens, default_bos_ids, is_trained, render_segments
 
 TRUNCATION_STRATEGIES = ("truncate_prompt", "drop")
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and every HF model) skips
@@ -50,16 +51,28 @@ def build_sft_example(
         text:   <|im_start|> user \\n 2 + 2 ? <|im_end|> \\n <|im_start|> assistant \\n 4 <|im_end|> \\n
         labels: -100 x 12 (the user turn and the assistant header),    4, <|im_end|>, -100
 
-    Truncation, when the ids are longer than max_seq_length (n). h = 1 when the ids start with a
-    BOS the template wrote (llama3; alpaca's prepended BOS; "tokenizer" when its template uses
-    bos_token), else 0; s = position of the first token of the last supervised span:
-      - "drop": return None.
-      - "truncate_prompt" (default): remove len - n tokens from the left of the context ids[h:s]
-        (the BOS stays). If the context is too short for that, all of ids[h:s] goes and the rest
-        is cut from the right to n tokens (the answer loses its end).
-      E.g. the example above (len 15, h = 0, s = 12) with n = 10: ids[0:5] go, leaving
-      "2 ? <|im_end|> \\n <|im_start|> assistant \\n 4 <|im_end|> \\n", labels -100 x 7, 4, <|im_end|>, -100.
-      With n = 2: the context ids[0:12] goes and "4 <|im_end|> \\n" is cut to "4 <|im_end|>".
+    Truncation, when the ids are longer than max_seq_length (n), works on whole turns first: the
+    earliest exchanges (a user turn and the assistant and tool turns answering it) are dropped, the
+    system turn and the tool list always kept, fewest first, until the rest fits; so an answer is
+    never trained without the prompt that led to it (status "truncated"). Only when even the last
+    exchange that holds a trained answer does not fit does `truncation_strategy` apply:
+      - "drop": return None (status "dropped_too_long").
+      - "truncate_prompt" (default): that exchange's last answer (its supervised span and what
+        follows it) stays whole; the tokens before it are cut from the left, after the BOS the
+        template wrote (h = 1 for llama3, alpaca's prepended BOS, a "tokenizer" template using
+        bos_token; else 0), and become context: an earlier answer of the exchange (a tool call) is
+        not trained. The cut never reaches into the end of the turn before the answer and the
+        assistant header (status "truncated_mid_turn"); when those and the answer do not fit, None
+        (status "dropped_too_long").
+
+    Worked example, chatml, [user "2+2?", assistant "4", user "3+3?", assistant "6"] (30 tokens,
+    one token per piece as above; each exchange is 15 tokens):
+      - n = 20: the first exchange goes; the row is the 15 tokens of [user "3+3?", assistant "6"],
+        labels -100 x 12, 6, <|im_end|>, -100 (never "4 <|im_end|>" without "2+2?" before it).
+      - n = 10: the last exchange alone is too long. truncate_prompt removes its first 5 ids,
+        leaving "3 ? <|im_end|> \\n <|im_start|> assistant \\n 6 <|im_end|> \\n", labels -100 x 7, 6,
+        <|im_end|>, -100; drop returns None.
+      - n = 7: the answer (3 ids) + <|im_end|> \\n <|im_start|> assistant \\n (5 ids) do not fit: None.
     An example left without a supervised token returns None (the builder counts it).
 
     Raises ValueError for an unknown template or strategy, max_seq_length < 1, or template tokens
@@ -88,7 +101,9 @@ def encode_prompt(messages: list[dict], template: str, tokenizer: Any, tools: li
 def build_sft_example_with_status(
     messages, tokenizer, template, max_seq_length, truncation_strategy, train_on_last_turn_only, tools=None
 ):
-    """(example or None, status) with status "kept", "truncated", "dropped_too_long" or "dropped_no_supervised"."""
+    """(example or None, status), status one of "kept", "truncated" (earliest turns dropped),
+    "truncated_mid_turn" (the last exchange cut inside its prompt), "dropped_too_long",
+    "dropped_no_supervised"; see `build_sft_example`."""
     if truncation_strategy not in TRUNCATION_STRATEGIES:
         raise ValueError(
             f"unknown truncation_strategy {truncation_strategy!r}; expected one of {TRUNCATION_STRATEGIES}"
@@ -96,6 +111,34 @@ def build_sft_example_with_status(
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     check_template_tokens(template, tokenizer)
+
+    def encode(conversation):
+        return _encode(conversation, tokenizer, template, train_on_last_turn_only, tools)
+
+    ids, labels = encode(messages)
+    status = "kept"
+    if len(ids) > max_seq_length:
+        tails = _shorter_tails(messages)
+        # Each tail is shorter than the one before it: bisect for the longest that fits.
+        first_fit = bisect.bisect_left(tails, True, key=lambda tail: len(encode(tail)[0]) <= max_seq_length)
+        if first_fit < len(tails):
+            ids, labels = encode(tails[first_fit])
+            status = "truncated"
+        elif truncation_strategy == "drop":
+            return None, "dropped_too_long"
+        else:
+            ids, labels = encode(tails[-1]) if tails else (ids, labels)
+            probe = encode_prompt([{"role": "user", "content": "x"}], template, tokenizer)
+            cut = _cut_before_last_answer(ids, labels, max_seq_length, probe, _starts_with_template_bos(ids, template, tokenizer))
+            if cut is None:
+                return None, "dropped_too_long"
+            (ids, labels), status = cut, "truncated_mid_turn"
+    if all(label == IGNORE_INDEX for label in labels):
+        return None, "dropped_no_supervised"
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, status
+
+
+def _encode(messages, tokenizer, template, train_on_last_turn_only, tools) -> tuple[list[int], list[int]]:
     segments = render_segments(messages, template, tokenizer, add_generation_prompt=False, tools=tools)
     if train_on_last_turn_only:
         last = max(i for i, (_, flag) in enumerate(segments) if flag) if any(f for _, f in segments) else -1
@@ -104,15 +147,43 @@ def build_sft_example_with_status(
     if template == "alpaca":
         bos = default_bos_ids(tokenizer)
         ids, labels = bos + ids, [IGNORE_INDEX] * len(bos) + labels
-    status = "kept"
-    if len(ids) > max_seq_length:
-        if truncation_strategy == "drop":
-            return None, "dropped_too_long"
-        ids, labels = _truncate(ids, labels, max_seq_length, _starts_with_template_bos(ids, template, tokenizer))
-        status = "truncated"
-    if all(label == IGNORE_INDEX for label in labels):
-        return None, "dropped_no_supervised"
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, status
+    return ids, labels
+
+
+def _shorter_tails(messages: list[dict]) -> list[list[dict]]:
+    """The conversation without its first 1, 2, ... exchanges (an exchange starts at a user turn), the
+    system turn kept, longest first, down to the last exchange that holds a trained answer."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and is_trained(m)]
+    last_needed = max((s for s in starts if trained and s < trained[-1]), default=None)
+    return [head + messages[s:] for s in starts[1:] if last_needed is not None and s <= last_needed]
+
+
+def _cut_before_last_answer(ids, labels, n, probe, has_bos) -> tuple[list[int], list[int]] | None:
+    """truncate_prompt inside one exchange (see `build_sft_example`): everything before the last
+    supervised span becomes context and is cut from the left after the BOS, never into the tokens it
+    shares at its end with the generation prompt `probe` (the previous turn's end + the header)."""
+    h = 1 if has_bos else 0
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not supervised:
+        return None
+    s = supervised[-1]
+    while s > 0 and labels[s - 1] != IGNORE_INDEX:
+        s -= 1  # walk back to the first token of the last supervised span
+    header = _common_suffix_length(ids[h:s], probe)
+    excess = len(ids) - n
+    if s - h - excess < header:
+        return None
+    labels = [IGNORE_INDEX] * s + labels[s:]
+    return ids[:h] + ids[h + excess :], labels[:h] + labels[h + excess :]
+
+
+def _common_suffix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
 def _merge_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -147,19 +218,6 @@ def _starts_with_template_bos(ids: list[int], template: str, tokenizer) -> bool:
         template == "tokenizer" and "bos_token" in (tokenizer.chat_template or "")
     )
     return writes_bos and bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-
-
-def _truncate(ids: list[int], labels: list[int], n: int, has_bos: bool) -> tuple[list[int], list[int]]:
-    """See `build_sft_example`: drop from the left of the context after the BOS, else cut the tail."""
-    h = 1 if has_bos else 0
-    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    s = supervised[-1] if supervised else len(ids)
-    while s > 0 and labels[s - 1] != IGNORE_INDEX:
-        s -= 1  # walk back to the first token of the last supervised span
-    excess = len(ids) - n
-    if s - h >= excess:
-        return ids[:h] + ids[h + excess :], labels[:h] + labels[h + excess :]
-    return (ids[:h] + ids[s:])[:n], (labels[:h] + labels[s:])[:n]
 
 
 def encode_prompt_completion(messages: list[dict], template: str, tokenizer: Any) -> tuple[list[int], list[int]]:

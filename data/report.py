@@ -10,7 +10,10 @@ import datasets
 @dataclass
 class SplitReport:
     """Counts for one split: records = kept + dropped_too_long + dropped_no_supervised; `truncated`
-    counts kept examples that were shortened; tokens and lengths are over kept examples.
+    counts kept examples that were shortened (earliest whole turns dropped, see
+    `data.examples.build_sft_example`), `truncated_mid_turn` those of them whose last exchange alone
+    was too long, so its prompt was cut inside a turn (truncation_strategy=truncate_prompt); tokens
+    and lengths are over kept examples.
 
     With packing (train split only; eval batches are never packed, see techniques/sft.py):
     `packed_rows` rows of at most max_seq_length tokens hold the kept examples (TRL's best-fit
@@ -25,6 +28,7 @@ class SplitReport:
     records: int = 0
     kept: int = 0
     truncated: int = 0
+    truncated_mid_turn: int = 0
     dropped_too_long: int = 0
     dropped_no_supervised: int = 0
     total_tokens: int = 0
