@@ -158,7 +158,7 @@ class DataSettings(BaseModel):
     train_on_last_turn_only: bool = Field(False, description="Supervise only the last assistant turn of each conversation.")
     role_map: Annotated[list[str], NoDecode] = Field(
         [],
-        description="Extra record roles as from:to pairs, to = system/user/assistant/tool, e.g. "
+        description="Extra record roles as from:to pairs, to = system/user/assistant/tool/function_call, e.g. "
         "bot:assistant,tool_response:tool (ShareGPT 'from' and messages 'role'; function_call and "
         "observation are read as tool calls and results without it). "
         "An unmapped unknown role stops the run naming the role and record.",
@@ -188,9 +188,10 @@ class DataSettings(BaseModel):
     @classmethod
     def _role_pairs(cls, value: Any) -> Any:
         pairs = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
-        bad = [p for p in pairs if p.count(":") != 1 or p.split(":")[1] not in ("system", "user", "assistant", "tool")]
+        targets = ("system", "user", "assistant", "tool", "function_call")
+        bad = [p for p in pairs if p.count(":") != 1 or p.split(":")[1] not in targets]
         if bad:
-            raise ValueError(f"expected from:to pairs with to = system, user, assistant or tool; got {bad}")
+            raise ValueError(f"expected from:to pairs with to = {', '.join(targets)}; got {bad}")
         return pairs
 
 

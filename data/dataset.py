@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import datasets
@@ -96,6 +97,8 @@ def _validate_settings(settings, tokenizer) -> None:
         raise ValueError("invalid data settings:\n  " + "\n  ".join(problems))
 
 
+# A template variable left in an answer ("Hello {{name}}"): a data-generation step that was never filled in.
+_PLACEHOLDER = re.compile(r"\{\{[^{}]*\}\}")
 _DROP_REASONS = {
     ("dropped_too_long", "drop"): "its last exchange alone is longer than max_seq_length (truncation_strategy=drop)",
     ("dropped_too_long", "truncate_prompt"): "its last answer alone (with the assistant header) is longer than "
@@ -111,6 +114,11 @@ def _build_split(conversations, tokenizer, settings, source) -> tuple[dict[str, 
     for conversation in conversations:
         for key in conversation.ignored_keys:
             report.ignored_keys[key] = report.ignored_keys.get(key, 0) + 1
+        answers = [m for m in conversation.messages if m["role"] == "assistant"]
+        if any(not m["content"].strip() and not m.get("tool_calls") for m in answers):
+            report.empty_answers.append(conversation.index)
+        if any(_PLACEHOLDER.search(m["content"]) for m in answers):
+            report.placeholder_answers.append(conversation.index)
         try:
             example, status = build_sft_example_with_status(
                 conversation.messages,

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
-ROLES = ("system", "user", "assistant", "tool")  # the roles of messages, and the targets of role_map
+ROLES = ("system", "user", "assistant", "tool")  # the roles of messages
+ROLE_MAP_TARGETS = ROLES + ("function_call",)  # function_call: the turn's text is a JSON tool call
 _SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "function_call": "function_call", "observation": "tool", "tool": "tool",
@@ -36,12 +37,24 @@ class DatasetError(ValueError):
     """A record or data file that cannot be used; the message names the file, record index and field.
 
     Attributes `source`, `index` (0-based record index) and `field` (e.g. "conversations[3].from")
-    hold the same facts for programs; any of them may be None when unknown. An error that sums up
-    several malformed records (see `load_messages`) lists them in `problems`.
+    hold the same facts for programs; any of them may be None when unknown. `hint` says how to fix
+    it when that is known, and `roles` maps each unknown role to the role_map target suggested for
+    it. An error that sums up several malformed records (see `load_conversations`) lists them in
+    `problems`. `format_block()` is the text a script prints before it exits.
     """
 
-    def __init__(self, reason: str, *, source: str | None = None, index: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        source: str | None = None,
+        index: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+        roles: dict[str, str] | None = None,
+    ):
         self.reason, self.source, self.index, self.field = reason, source, index, field
+        self.hint, self.roles = hint, dict(roles or {})
         self.problems: list[DatasetError] = []
         where = []
         if source is not None:
@@ -50,7 +63,7 @@ class DatasetError(ValueError):
             where.append(f"record {index}")
         if field is not None:
             where.append(f"field {field!r}")
-        super().__init__(": ".join(where + [reason]))
+        super().__init__(": ".join(where + [reason]) + (f"\n  fix: {hint}" if hint else ""))
 
     def with_context(self, source: str | None = None, index: int | None = None) -> DatasetError:
         """The same error with file and record index filled in where still unknown."""
@@ -59,7 +72,70 @@ class DatasetError(ValueError):
             source=self.source if self.source is not None else source,
             index=self.index if self.index is not None else index,
             field=self.field,
+            hint=self.hint,
+            roles=self.roles,
         )
+
+    def format_block(self, limit: int = 10) -> str:
+        """One block for a person: what is wrong where (each malformed record on its own line, the
+        first `limit`), then how to fix it (one ROLE_MAP covering every unknown role, and each other
+        hint once). No traceback; e.g.
+
+            data error in data/chats.jsonl: 2 malformed records
+              record 3, field 'conversations[1].from': unknown role 'bot' (conversations[1].from)
+              record 7, field 'messages[2].weight': weight must be 0 (context only, not trained) or 1 ...
+            fix: map the unknown roles with ROLE_MAP=bot:assistant (or the --role_map flag)
+        """
+        problems = self.problems or [self]
+        head = "data error" + (f" in {self.source}" if self.source is not None else "")
+        lines = [head + (f": {len(problems)} malformed records" if self.problems else "")]
+        for problem in problems[:limit]:
+            where = [f"record {problem.index}"] if problem.index is not None else []
+            where += [f"field {problem.field!r}"] if problem.field is not None else []
+            lines.append("  " + ", ".join(where) + (": " if where else "") + problem.reason)
+        if len(problems) > limit:
+            lines.append(f"  ... and {len(problems) - limit} more")
+        lines += [f"fix: {hint}" for hint in _hints(problems)]
+        return "\n".join(lines)
+
+
+def _hints(problems: list[DatasetError]) -> list[str]:
+    roles = {name: target for p in problems for name, target in p.roles.items()}
+    hints = [role_map_hint(roles)] if roles else []
+    return hints + list(dict.fromkeys(p.hint for p in problems if p.hint and not p.roles))
+
+
+def role_map_hint(roles: dict[str, str]) -> str:
+    """How to map unknown roles: one ROLE_MAP for all of them (a role with no clear meaning gets
+    "user", and the hint says to check it)."""
+    pairs = ",".join(f"{name}:{target or 'user'}" for name, target in roles.items())
+    unsure = [name for name, target in roles.items() if not target]
+    return (
+        f"map the unknown roles with ROLE_MAP={pairs} (or the --role_map flag); targets: {', '.join(ROLE_MAP_TARGETS)}"
+        + (f"; check {', '.join(repr(n) for n in unsure)}: user or assistant, as the turns are" if unsure else "")
+    )
+
+
+# Suggested role_map targets for role names seen in public datasets (None: no clear meaning).
+_ROLE_SUGGESTIONS = {
+    "system": ("developer", "sys", "system_prompt", "context"),
+    "user": ("human", "person", "customer", "prompter", "question", "client", "input", "usr"),
+    "assistant": ("model", "bot", "ai", "chatbot", "gpt4", "chatgpt", "claude", "agent", "answer", "output",
+                  "response", "reply", "ai_assistant"),
+    "tool": ("function", "ipython", "tool_response", "tool_result", "function_response", "function_result",
+             "environment", "observations", "tool_output"),
+    "function_call": ("tool_call", "tool_calls", "function_calls", "call", "action"),
+}
+
+
+def suggest_role(name: str) -> str | None:
+    """The role_map target a role name most likely means ("bot" -> assistant, "tool_call" ->
+    function_call, "tool_response" -> tool), or None."""
+    key = name.lower().strip()
+    for target, names in _ROLE_SUGGESTIONS.items():
+        if key in names:
+            return target
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +205,9 @@ def read_record(
             `name`) is not read and is listed in `ignored_keys`.
         source, index: file name and record index, used in error messages (and `index` kept).
         role_map: extra roles for ShareGPT `from` and messages `role`, e.g. {"bot": "assistant"}
-            (setting `role_map`); each maps to system, user, assistant or tool, and then follows the
-            turn rules below like any other turn of that role. It wins over the built-in names.
+            (setting `role_map`); each maps to system, user, assistant, tool or function_call (a
+            tool-call turn holding the JSON call), and then follows the turn rules below like any
+            other turn of that role. It wins over the built-in names.
 
     Alpaca: the user content is `instruction` + ("\\n\\n" + input when input != ""), and the user
     message also keeps the keys `instruction` and `input` so the alpaca template can render the
@@ -161,10 +238,12 @@ def read_record(
     come from the role field, never from positions.
 
     Raises:
-        DatasetError: missing field, wrong type, unknown role not in `role_map`, a tool call or tool
+        DatasetError: missing field, wrong type, unknown roles not in `role_map` (all of the record's
+            at once, with the suggested ROLE_MAP as `hint`), a tool call or tool
             list that is not valid JSON of the shape above, a weight other than 0 or 1 or on a
-            non-assistant turn, empty conversation, broken turn order, no assistant turn. The
-            message names `source`, `index`, the field and, for a role, the role itself.
+            non-assistant turn, empty conversation, broken turn order (naming the role_map entry that
+            mapped the turns, when one did), no assistant turn. The message names `source`, `index`,
+            the field and, for a role, the role itself.
         ValueError: unknown `fmt`.
     """
     if fmt not in (None, *FORMATS):
@@ -181,7 +260,7 @@ def read_record(
                 ("conversations", "from", "value", _SHAREGPT_ROLES, _SHAREGPT_KEYS) if fmt == "sharegpt"
                 else ("messages", "role", "content", {r: r for r in ROLES}, _MESSAGES_KEYS)
             )
-            messages, turn_keys = _read_turns(record, key, role_key, content_key, {**roles, **(role_map or {})})
+            messages, turn_keys = _read_turns(record, key, role_key, content_key, roles, role_map or {})
             ignored = _unread(record, known) + tuple(f"{key}[].{k}" for k in turn_keys)
         return Conversation(messages, index, tools, ignored)
     except DatasetError as err:
@@ -223,7 +302,7 @@ def _read_alpaca(record: dict) -> list[dict]:
 
 
 def _read_turns(
-    record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]
+    record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str], role_map: dict[str, str]
 ) -> tuple[list[dict], list[str]]:
     """(messages, keys of turns that were not read, each once)."""
     turns = record.get(key)
@@ -231,18 +310,15 @@ def _read_turns(
         raise DatasetError("missing field", field=key)
     if not isinstance(turns, list):
         raise DatasetError(f"expected a list of turns, got {type(turns).__name__}", field=key)
-    messages, unread = [], {}
+    roles = {**roles, **role_map}
     for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise DatasetError(f"expected an object, got {type(turn).__name__}", field=where)
-        name = _get_str(turn, role_key, f"{where}.{role_key}")
-        if name not in roles:
-            raise DatasetError(
-                f"unknown role {name!r}; expected one of {sorted(roles)}, or map it with the role_map setting "
-                f"(e.g. ROLE_MAP={name}:user)",
-                field=f"{where}.{role_key}",
-            )
+            raise DatasetError(f"expected an object, got {type(turn).__name__}", field=f"{key}[{i}]")
+    names = [_get_str(turn, role_key, f"{key}[{i}].{role_key}") for i, turn in enumerate(turns)]
+    _check_known_roles(names, roles, f"{key}[{{}}].{role_key}")
+    messages, unread = [], {}
+    for i, (turn, name) in enumerate(zip(turns, names, strict=True)):
+        where = f"{key}[{i}]"
         messages.append(_read_turn(turn, roles[name], where, content_key))
         known = (role_key, content_key, "weight", *_TURN_KEYS.get(messages[-1]["role"], ()))
         unread.update(dict.fromkeys(_unread(turn, known)))
@@ -251,8 +327,42 @@ def _read_turns(
         if messages and messages[0]["role"] == "system":
             raise DatasetError("a system text in both the record and its first turn; keep one", field="system")
         messages.insert(0, {"role": "system", "content": system})
-    _check_turn_order(messages, f"{key}[{{}}].{role_key}", offset=int(bool(system)))
+    try:
+        _check_turn_order(messages, f"{key}[{{}}].{role_key}", offset=int(bool(system)))
+    except DatasetError as err:
+        raise _with_mapping_note(err, names, role_map, f"{key}[{{}}].{role_key}") from None
     return messages, list(unread)
+
+
+def _check_known_roles(names: list[str], roles: dict[str, str], field_pattern: str) -> None:
+    """One error naming every unknown role of the record (and where), with the ROLE_MAP to fix it."""
+    unknown = {}
+    for i, name in enumerate(names):
+        if name not in roles:
+            unknown.setdefault(name, []).append(field_pattern.format(i))
+    if unknown:
+        listed = ", ".join(f"{name!r} ({', '.join(fields)})" for name, fields in unknown.items())
+        suggestions = {name: suggest_role(name) for name in unknown}
+        raise DatasetError(
+            f"unknown role{'s' if len(unknown) > 1 else ''} {listed}; known: {', '.join(sorted(roles))}",
+            field=next(iter(unknown.values()))[0],
+            hint=role_map_hint(suggestions),
+            roles=suggestions,
+        )
+
+
+def _with_mapping_note(err: DatasetError, names: list[str], role_map: dict[str, str], field_pattern: str) -> DatasetError:
+    """A turn-order error at a turn whose role role_map gave names the mapping: the data may be right."""
+    mapped = [i for i, name in enumerate(names) if name in role_map]
+    near = [i for i in mapped if err.field in (field_pattern.format(i), field_pattern.format(i + 1))]
+    if not near:
+        return err
+    notes = ", ".join(f"turn {i} is {names[i]!r}, which role_map maps to {role_map[names[i]]!r}" for i in near)
+    pairs = ",".join(f"{names[i]}:{role_map[names[i]]}" for i in near)
+    return DatasetError(
+        f"{err.reason} ({notes})", field=err.field,
+        hint=f"check the mapping ROLE_MAP={pairs}: the turns it maps break the turn order",
+    )
 
 
 def _read_turn(turn: dict, role: str, where: str, content_key: str) -> dict:
@@ -480,7 +590,8 @@ def load_conversations(
         lines = [f"  {p}" for p in problems[:10]] + (
             [f"  ... and {len(problems) - 10} more"] if len(problems) > 10 else []
         )
-        error = DatasetError(f"{len(problems)} malformed records:\n" + "\n".join(lines), source=str(path))
+        hint = "\n  fix: ".join(_hints(problems)) or None  # one ROLE_MAP for the unknown roles of every record
+        error = DatasetError(f"{len(problems)} malformed records:\n" + "\n".join(lines), source=str(path), hint=hint)
         error.problems = problems  # each with its own index and field, for programs
         raise error
     return conversations
@@ -538,12 +649,13 @@ def load_conversation_splits(settings: Any) -> dict[str, list[Conversation]]:
 
 def parse_role_map(pairs: list[str]) -> dict[str, str]:
     """The `role_map` setting, ["bot:assistant", "tool_response:tool"], as a dict. Raises ValueError
-    for a pair that is not `from:to` with to = system, user, assistant or tool."""
+    for a pair that is not `from:to` with to one of ROLE_MAP_TARGETS (function_call: a tool-call turn
+    whose text is the JSON call, as ShareGPT's function_call)."""
     role_map = {}
     for pair in pairs:
         name, _, role = pair.partition(":")
-        if not name or role not in ROLES:
-            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {ROLES}")
+        if not name or role not in ROLE_MAP_TARGETS:
+            raise ValueError(f"role_map entry {pair!r}: expected from:to with to one of {ROLE_MAP_TARGETS}")
         role_map[name] = role
     return role_map
 

@@ -22,7 +22,9 @@ class SplitReport:
 
     `dropped` names every dropped record: "<file>: record <index in the file>: <status>: <reason>".
     `ignored_keys` counts, per key the readers did not read ("label", "messages[].name"), the records
-    that hold it.
+    that hold it. `empty_answers` and `placeholder_answers` are the indices (in their file) of records
+    with an assistant answer that is empty (no text, no tool call: the model learns to say nothing) or
+    still holds a template placeholder such as `{{name}}`; `format()` warns about both.
     """
 
     records: int = 0
@@ -40,6 +42,8 @@ class SplitReport:
     packing_efficiency: float | None = None
     dropped: list[str] = field(default_factory=list)
     ignored_keys: dict[str, int] = field(default_factory=dict)
+    empty_answers: list[int] = field(default_factory=list)
+    placeholder_answers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -54,7 +58,8 @@ class BuildReport:
     packing: bool = False
 
     def format(self) -> str:
-        names = [f.name for f in fields(SplitReport) if f.name not in ("dropped", "ignored_keys")]
+        lists = ("dropped", "ignored_keys", "empty_answers", "placeholder_answers")
+        names = [f.name for f in fields(SplitReport) if f.name not in lists]
         if not self.packing:
             names = [n for n in names if n not in ("packed_rows", "packing_efficiency")]
         header = ["split"] + names
@@ -77,6 +82,11 @@ class BuildReport:
             if report.ignored_keys:
                 counts = ", ".join(f"{key!r} ({n} records)" for key, n in report.ignored_keys.items())
                 lines.append(f"not read in {split} (ignored): {counts}")
+            for indices, what in ((report.empty_answers, "an empty answer (trained to answer nothing)"),
+                                  (report.placeholder_answers, "an answer still holding a template placeholder like {{name}}")):
+                if indices:
+                    shown = ", ".join(map(str, indices[:10])) + (f", ... and {len(indices) - 10} more" if len(indices) > 10 else "")
+                    lines.append(f"warning: {split}: {len(indices)} records with {what}: records {shown}")
         return "\n".join(lines)
 
 

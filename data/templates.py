@@ -370,7 +370,27 @@ def stop_token_ids(template: str, tokenizer: Any) -> list[int]:
 
 def check_template_tokens(template: str, tokenizer: Any) -> None:
     """Raise ValueError naming `template` and every special token it writes that is not a single
-    token of `tokenizer` (e.g. llama3 with a tokenizer lacking <|eot_id|>), or a missing bos/eos."""
+    token of `tokenizer` (e.g. llama3 with a tokenizer lacking <|eot_id|>), or a missing bos/eos,
+    and how to fix it: the templates this tokenizer can use, or adding the tokens."""
+    problems, missing = _template_problems(template, tokenizer)
+    if problems:
+        usable = [t for t in TEMPLATES if t != template and not _template_problems(t, tokenizer)[0]]
+        fix = f"use PROMPT_TEMPLATE={' or '.join(usable)}, whose tokens this tokenizer has" + (
+            " (tokenizer: the model's own chat template)" if "tokenizer" in usable else ""
+        )
+        if missing:
+            fix += (
+                f", or add the tokens and train their new embedding rows: tokenizer.add_special_tokens("
+                f"{{'additional_special_tokens': {missing}}}), then techniques.lora.resize_token_embeddings(model, "
+                "tokenizer) (and lora_target_modules / modules_to_save covering embed_tokens and lm_head)"
+            )
+        raise ValueError(
+            f"prompt template {template!r} cannot be used with this tokenizer: " + "; ".join(problems) + f". Fix: {fix}"
+        )
+
+
+def _template_problems(template: str, tokenizer: Any) -> tuple[list[str], list[str]]:
+    """(problems, missing special tokens) of `template` with `tokenizer`."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     needed = list(_TEMPLATE_TOKENS[template])
@@ -386,9 +406,7 @@ def check_template_tokens(template: str, tokenizer: Any) -> None:
         problems.append(f"not single tokens in this tokenizer: {missing}")
     if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         problems.append("the tokenizer has no chat_template")
-    if problems:
-        raise ValueError(f"prompt template {template!r} cannot be used with this tokenizer: " + "; ".join(problems))
-
+    return problems, missing
 
 
 def default_bos_ids(tokenizer: Any) -> list[int]:

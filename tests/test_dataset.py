@@ -511,6 +511,7 @@ def test_report_counts_truncated_dropped_and_unsupervised(tmp_path):
         "no supervised token (an empty answer, or every answer has weight 0)",
         f"dropped from train: {path}: record 2: dropped_too_long: "
         "its last exchange alone is longer than max_seq_length (truncation_strategy=drop)",
+        "warning: train: 1 records with an empty answer (trained to answer nothing): records 1",
     ]
 
 
