@@ -2,12 +2,14 @@
 
 The pipeline, one module per step (each imports only those above it in this list):
 
-    data/readers.py    load_records(path) -> to_messages(record, fmt) -> load_splits(settings)
-    data/templates.py  render(messages, template, tokenizer), render_segments, stop ids
+    data/errors.py          DatasetError: what is wrong where, and how to fix it
+    data/readers.py         load_records(path) -> read_record(record, fmt) -> load_conversation_splits(settings)
+    data/tools.py           the tool-calling text formats (Hermes / Qwen2.5, Llama 3.1), parse_tool_calls
+    data/templates.py       render(messages, template, tokenizer, tools=...), render_segments, stop ids
     data/chat_templates.py  chat_template_for: the Jinja template saved with a trained model
-    data/examples.py   build_sft_example(messages, ...), encode_prompt, encode_prompt_completion (DPO)
-    data/report.py     SplitReport, BuildReport
-    data/dataset.py    build_sft_dataset(settings, tokenizer) -> datasets.DatasetDict (+ BuildReport)
+    data/examples.py        build_sft_example(messages, ...) (+ truncation), encode_prompt, encode_prompt_completion
+    data/report.py          SplitReport, BuildReport
+    data/dataset.py         build_sft_dataset(settings, tokenizer) -> datasets.DatasetDict (+ BuildReport)
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 
 import datasets
 
+from data.errors import DatasetError
 from data.examples import IGNORE_INDEX, TRUNCATION_STRATEGIES, build_sft_example_with_status
-from data.readers import FORMATS, DatasetError, load_conversation_splits
+from data.readers import FORMATS, load_conversation_splits
 from data.report import BuildReport, SplitReport, packed_row_count
 from data.templates import check_template_tokens
 

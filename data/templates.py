@@ -106,7 +106,17 @@ def render_segments(
 ) -> list[tuple[str, bool]]:
     """The rendered text as (text, supervised) pieces; each assistant turn gives exactly one piece
     holding its content (and tool calls) plus the token that closes the turn, supervised unless its
-    weight is 0. System, user and tool turns and the tool list are never supervised."""
+    weight is 0. System, user and tool turns and the tool list are never supervised.
+
+    Worked example, chatml, tools=[find_book], [user "Where is Dune?", assistant calling
+    find_book(title="Dune"), tool '{"shelf": "B12"}', assistant "Shelf B12."]; [[...]] = supervised:
+
+        <|im_start|>system\\n# Tools\\n\\nYou may call one or more functions ... </tool_call><|im_end|>\\n
+        <|im_start|>user\\nWhere is Dune?<|im_end|>\\n<|im_start|>assistant\\n
+        [[<tool_call>\\n{"name": "find_book", "arguments": {"title": "Dune"}}\\n</tool_call><|im_end|>]]\\n
+        <|im_start|>user\\n<tool_response>\\n{"shelf": "B12"}\\n</tool_response><|im_end|>\\n
+        <|im_start|>assistant\\n[[Shelf B12.<|im_end|>]]\\n
+    """
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     if template != "chatml" and tokenizer is None:

@@ -68,8 +68,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from config import Settings
+from data.errors import DatasetError
 from data.examples import encode_prompt_completion, template_bos_length
-from data.readers import DatasetError, load_records, split_records, to_messages
+from data.readers import load_records, split_records, to_messages
 from models import load_model
 from techniques.lora import apply_lora
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from data.dataset import build_sft_dataset_with_report
-from data.readers import DatasetError, load_conversations, read_record, suggest_role, to_messages
+from data.errors import DatasetError, suggest_role
+from data.readers import load_conversations, read_record, to_messages
 from data.templates import check_template_tokens
 from tests.test_dataset import settings, write_jsonl
 from tests.tiny import make_tokenizer

@@ -20,9 +20,9 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from data.dataset import build_sft_dataset, build_sft_dataset_with_report
+from data.errors import DatasetError
 from data.examples import IGNORE_INDEX, build_sft_example, encode_prompt
 from data.readers import (
-    DatasetError,
     detect_format,
     held_out_prompt,
     load_messages,

@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 
 from data.chat_templates import chat_template_for
 from data.dataset import build_sft_dataset_with_report
+from data.errors import DatasetError
 from data.examples import build_sft_example, encode_prompt
-from data.readers import DatasetError, load_conversations, read_record, read_tools
+from data.readers import load_conversations, read_record, read_tools
 from data.templates import render
 from data.tools import hermes_answer, llama31_call, parse_tool_calls
 from tests.test_dataset import official_tokenizer, settings, shared_file, supervised_runs

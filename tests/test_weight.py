@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from data.dataset import build_sft_dataset_with_report
+from data.errors import DatasetError
 from data.examples import IGNORE_INDEX, build_sft_example
-from data.readers import DatasetError, load_messages, read_record, to_messages
+from data.readers import load_messages, read_record, to_messages
 from tests.test_dataset import (
     EVERY_TEMPLATE,
     assistant,
