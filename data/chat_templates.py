@@ -55,7 +55,8 @@ _CHATML = (
     _TOOLS + _SYSTEM + jinja_hermes_system("system")
     + "{%- if tools and system is none -%}{{ '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' }}{%- endif -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}" + JINJA_HERMES_ANSWER + "{{ '<|im_end|>\\n' }}"
+    "{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    + JINJA_HERMES_ANSWER + "{{ '<|im_end|>\\n' }}"
     "{%- elif m['role'] == 'tool' -%}" + jinja_tool_results("<|im_start|>user\n", "<|im_end|>\n")
     + "{%- elif loop.first and m['role'] == 'system' -%}{{ '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' }}"
     "{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif -%}"
@@ -99,9 +100,11 @@ _LLAMA3 = (
     "{{ (rest[0]['content'] | trim) + '<|eot_id|>' }}{%- set rest = rest[1:] -%}"
     "{%- endif -%}"
     "{%- for m in rest -%}"
-    "{%- if m['role'] == 'tool' -%}{{ '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (m['content'] | tojson) + '<|eot_id|>' }}"
+    "{%- if m['role'] == 'tool' -%}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (m['content'] | tojson) + '<|eot_id|>' }}"
     "{%- elif m.tool_calls is defined and m.tool_calls -%}" + _LLAMA31_CALL
-    + "{%- else -%}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + (m['content'] | trim) + '<|eot_id|>' }}"
+    + "{%- else -%}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + (m['content'] | trim) + '<|eot_id|>' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- else -%}"  # Llama 3's

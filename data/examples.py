@@ -129,7 +129,8 @@ def build_sft_example_with_status(
         else:
             ids, labels = encode(tails[-1]) if tails else (ids, labels)
             probe = encode_prompt([{"role": "user", "content": "x"}], template, tokenizer)
-            cut = _cut_before_last_answer(ids, labels, max_seq_length, probe, _starts_with_template_bos(ids, template, tokenizer))
+            has_bos = _starts_with_template_bos(ids, template, tokenizer)
+            cut = _cut_before_last_answer(ids, labels, max_seq_length, probe, has_bos)
             if cut is None:
                 return None, "dropped_too_long"
             (ids, labels), status = cut, "truncated_mid_turn"
@@ -244,7 +245,8 @@ def encode_prompt_completion(messages: list[dict], template: str, tokenizer: Any
     segments = render_segments(messages, template, tokenizer, add_generation_prompt=False)
     last = max(i for i, (_, supervised) in enumerate(segments) if supervised)
     before = "".join(text for text, _ in segments[:last])
-    prompt = "".join(text for text, _ in render_segments(messages[:-1], template, tokenizer, add_generation_prompt=True))
+    prompt_segments = render_segments(messages[:-1], template, tokenizer, add_generation_prompt=True)
+    prompt = "".join(text for text, _ in prompt_segments)
     if before != prompt:
         raise ValueError(
             f"the {template!r} template renders the prompt alone differently from the text before the answer "

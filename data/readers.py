@@ -247,7 +247,9 @@ def _check_known_roles(names: list[str], roles: dict[str, str], field_pattern: s
         )
 
 
-def _with_mapping_note(err: DatasetError, names: list[str], role_map: dict[str, str], field_pattern: str) -> DatasetError:
+def _with_mapping_note(
+    err: DatasetError, names: list[str], role_map: dict[str, str], field_pattern: str
+) -> DatasetError:
     """A turn-order error at a turn whose role role_map gave names the mapping: the data may be right."""
     mapped = [i for i, name in enumerate(names) if name in role_map]
     near = [i for i in mapped if err.field in (field_pattern.format(i), field_pattern.format(i + 1))]
@@ -268,11 +270,14 @@ def _read_turn(turn: dict, role: str, where: str, content_key: str) -> dict:
         message = {"role": "assistant", "content": "", "tool_calls": calls}
     elif role == "assistant" and turn.get("tool_calls"):
         content = _get_str(turn, content_key, content_field, required=False)  # OpenAI: null beside calls
-        message = {"role": role, "content": content, "tool_calls": _read_calls(turn["tool_calls"], f"{where}.tool_calls")}
+        calls = _read_calls(turn["tool_calls"], f"{where}.tool_calls")
+        message = {"role": role, "content": content, "tool_calls": calls}
     else:
         message = {"role": role, "content": _get_str(turn, content_key, content_field)}
     if turn.get("tool_calls") and message["role"] != "assistant":
-        raise DatasetError(f"tool calls on a {role!r} turn; only assistant turns call tools", field=f"{where}.tool_calls")
+        raise DatasetError(
+            f"tool calls on a {role!r} turn; only assistant turns call tools", field=f"{where}.tool_calls"
+        )
     if role == "tool":
         message.update({k: turn[k] for k in ("tool_call_id", "name") if k in turn})
     if "weight" in turn:
@@ -284,7 +289,8 @@ def _json(text: str, field_name: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DatasetError(f"not valid JSON ({err.msg} at character {err.pos}): {text[:60]!r}", field=field_name) from None
+        reason = f"not valid JSON ({err.msg} at character {err.pos}): {text[:60]!r}"
+        raise DatasetError(reason, field=field_name) from None
 
 
 def _read_calls(value: Any, field_name: str) -> list[dict]:
@@ -303,7 +309,8 @@ def _read_calls(value: Any, field_name: str) -> list[dict]:
         if isinstance(arguments, str):
             arguments = _json(arguments, f"{where}.arguments")
         if not isinstance(arguments, dict):
-            raise DatasetError(f"tool call arguments must be a JSON object, got {type(arguments).__name__}", field=where)
+            reason = f"tool call arguments must be a JSON object, got {type(arguments).__name__}"
+            raise DatasetError(reason, field=where)
         read.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
         if isinstance(call, dict) and "id" in call:
             read[-1]["id"] = call["id"]

@@ -82,10 +82,14 @@ class BuildReport:
             if report.ignored_keys:
                 counts = ", ".join(f"{key!r} ({n} records)" for key, n in report.ignored_keys.items())
                 lines.append(f"not read in {split} (ignored): {counts}")
-            for indices, what in ((report.empty_answers, "an empty answer (trained to answer nothing)"),
-                                  (report.placeholder_answers, "an answer still holding a template placeholder like {{name}}")):
+            warnings = (
+                (report.empty_answers, "an empty answer (trained to answer nothing)"),
+                (report.placeholder_answers, "an answer still holding a template placeholder like {{name}}"),
+            )
+            for indices, what in warnings:
                 if indices:
-                    shown = ", ".join(map(str, indices[:10])) + (f", ... and {len(indices) - 10} more" if len(indices) > 10 else "")
+                    more = f", ... and {len(indices) - 10} more" if len(indices) > 10 else ""
+                    shown = ", ".join(map(str, indices[:10])) + more
                     lines.append(f"warning: {split}: {len(indices)} records with {what}: records {shown}")
         return "\n".join(lines)
 

@@ -252,7 +252,8 @@ def _llama31_segments(messages, tokenizer, add_generation_prompt, tools):
     for m in rest:
         header = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
         if m["role"] == "tool":
-            segments.append((f"<|start_header_id|>ipython<|end_header_id|>\n\n{llama31_result(m['content'])}<|eot_id|>", False))
+            result = llama31_result(m["content"])
+            segments.append((f"<|start_header_id|>ipython<|end_header_id|>\n\n{result}<|eot_id|>", False))
         elif m["role"] == "assistant":
             body = llama31_call(m) if m.get("tool_calls") else m["content"].strip()
             segments += [(header, False), (body + "<|eot_id|>", is_trained(m))]
@@ -273,7 +274,9 @@ def _apply_chat_template(tokenizer, messages, add_generation_prompt, tools=None)
             "the 'tokenizer' template needs a tokenizer with a chat_template; pick alpaca/chatml/phi3/llama3 instead"
         )
     plain = [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
-    text = tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        plain, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     _check_tools_rendered(text, messages, tools)
     return text
 

@@ -119,7 +119,8 @@ def jinja_tool_results(opening: str, closing: str) -> str:
         "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ " + jinja_literal(opening) + " }}"
         "{%- else -%}{{ '\\n' }}{%- endif -%}"
         "{{ '<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
-        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ " + jinja_literal(closing) + " }}{%- endif -%}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
+        "{{ " + jinja_literal(closing) + " }}{%- endif -%}"
     )
 
 
