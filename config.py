@@ -165,13 +165,15 @@ class DataSettings(BaseModel):
     system_prompt: str | None = Field(None, description="System prompt added to conversations that have none.")
     max_seq_length: int = Field(512, ge=8, description="Longest example in tokens; longer ones follow truncation_strategy.")
     truncation_strategy: Literal["truncate_prompt", "drop"] = Field(
-        "truncate_prompt", description="Over-long examples: truncate_prompt (cut the prompt from the left) or drop."
+        "truncate_prompt", description="Over-long examples lose whole earliest exchanges first; when the last exchange "
+        "alone is too long: truncate_prompt (cut its prompt from the left, the answer kept whole) or drop."
     )
     train_on_last_turn_only: bool = Field(False, description="Supervise only the last assistant turn of each conversation.")
     role_map: Annotated[list[str], NoDecode] = Field(
         [],
-        description="Extra record roles as from:to pairs, to = system/user/assistant, e.g. "
-        "function_call:assistant,observation:user (ShareGPT 'from' and messages 'role'). "
+        description="Extra record roles as from:to pairs, to = system/user/assistant/tool/function_call, e.g. "
+        "bot:assistant,tool_response:tool (ShareGPT 'from' and messages 'role'; function_call and "
+        "observation are read as tool calls and results without it). "
         "An unmapped unknown role stops the run naming the role and record.",
     )
     packing: bool = Field(
@@ -199,9 +201,10 @@ class DataSettings(BaseModel):
     @classmethod
     def _role_pairs(cls, value: Any) -> Any:
         pairs = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
-        bad = [p for p in pairs if p.count(":") != 1 or p.split(":")[1] not in ("system", "user", "assistant")]
+        targets = ("system", "user", "assistant", "tool", "function_call")
+        bad = [p for p in pairs if p.count(":") != 1 or p.split(":")[1] not in targets]
         if bad:
-            raise ValueError(f"expected from:to pairs with to = system, user or assistant; got {bad}")
+            raise ValueError(f"expected from:to pairs with to = {', '.join(targets)}; got {bad}")
         return pairs
 
 

@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from config import Settings
-from data.dataset import stop_token_ids
+from data.templates import stop_token_ids
 from models import DEFAULT_MODEL_CACHE_DIR, _sha256, pip_download
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import torch
 from transformers import TextIteratorStreamer
 
 from config import Settings
-from data.dataset import encode_prompt, stop_token_ids
+from data.examples import encode_prompt
+from data.templates import stop_token_ids
 
 
 def generation_stop_ids(model, tokenizer, template: str) -> list[int]:
@@ -73,12 +74,15 @@ def generate_replies(
     max_new_tokens: int = 48,
     batch_size: int = 8,
     stop_ids: list[int] | None = None,
+    tools: list[dict] | None = None,
 ) -> list[str]:
-    """Greedy replies to each conversation (its last turn must be the user's).
+    """Greedy replies to each conversation (its last turn must be the user's, or a tool result).
 
     Prompts are encoded exactly as training text was (`encode_prompt`: the template's own BOS,
-    never a second one) and generated in batches by `generate_ids`, stopping at any of the
-    template's stop ids (eos plus the turn-end token) plus `stop_ids`.
+    never a second one; `tools`, the tool list every conversation is offered, written as in
+    training) and generated in batches by `generate_ids`, stopping at any of the template's stop
+    ids (eos plus the turn-end token) plus `stop_ids`. A reply that calls a tool holds the call as
+    the template writes it (`data.tools.parse_tool_calls` reads it back).
 
     Returns the decoded new text of each conversation, special tokens removed, stripped.
     """
@@ -86,7 +90,7 @@ def generate_replies(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     replies = []
     for start in range(0, len(conversations), batch_size):
-        encoded = [encode_prompt(c, template, tokenizer) for c in conversations[start:start + batch_size]]
+        encoded = [encode_prompt(c, template, tokenizer, tools) for c in conversations[start:start + batch_size]]
         for ids in generate_ids(model, encoded, stops, pad_id, max_new_tokens):
             replies.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return replies
@@ -99,6 +103,7 @@ def stream_reply(
     template: str,
     max_new_tokens: int = 256,
     stop_ids: list[int] | None = None,
+    tools: list[dict] | None = None,
 ) -> Iterator[str]:
     """The greedy reply to `messages` as text pieces, yielded while generation runs (in a thread).
 
@@ -111,7 +116,8 @@ def stream_reply(
 
     def run():
         try:
-            generate_ids(model, [encode_prompt(messages, template, tokenizer)], stops, pad_id, max_new_tokens, streamer)
+            prompt = encode_prompt(messages, template, tokenizer, tools)
+            generate_ids(model, [prompt], stops, pad_id, max_new_tokens, streamer)
         except BaseException as exc:  # re-raised below; end the stream so the reader never hangs
             errors.append(exc)
             streamer.end()

@@ -204,7 +204,8 @@ def trl_trainer(variant: dict, records, max_seq_length, steps, batch, tmp):
     from trl import SFTConfig, SFTTrainer
 
     from config import get_settings
-    from data.dataset import render, to_messages
+    from data.readers import to_messages
+    from data.templates import render
     from models import resolve_model_path
 
     path = resolve_model_path(get_settings([], env_file=None))

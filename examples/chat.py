@@ -5,6 +5,7 @@
     python examples/chat.py --model_dir merged-model --prompt "Who are you?" --prompt "Who made you?"  # one batch
     python examples/chat.py --base_model_name HuggingFaceTB/SmolLM2-135M-Instruct   # the base alone, its own template
     echo "What's your name?" | python examples/chat.py --adapter_dir ft-outputs/final
+    python examples/chat.py --adapter_dir ft-outputs/final --tools data/tool_demo_tools.json --prompt "Where is Dune?"
 
 Model: `--adapter_dir` (its base model and settings from run_settings.json, 4-bit for QLoRA),
 `--model_dir` (a merged or any transformers folder), or neither (the base model alone, default
@@ -16,6 +17,12 @@ every eos id of the generation config).
 Interactive mode reads one user turn per line from stdin and keeps the conversation; `/reset`
 starts a new one, `/exit` or end of input quits. `--prompt` (repeatable) answers and exits: one
 prompt streams, several are generated as one left-padded batch.
+
+Tools: `--tools FILE` offers the model the function schemas in FILE (a JSON list, each
+{"name", "description", "parameters"} or OpenAI's {"type": "function", "function": ...}), written
+into the prompt as in training. A reply that calls a tool is shown as `[tool call] name({...})`
+and kept as a tool call; in interactive mode `/tool TEXT` then gives the tool's result and the
+model answers from it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from config import TEMPLATES, get_settings  # noqa: E402
+from data.readers import read_tools  # noqa: E402
+from data.tools import parse_tool_calls  # noqa: E402
 from inference import generate_replies, generation_stop_ids, load_adapter_model, stream_reply  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from techniques.lora import adapter_settings  # noqa: E402
@@ -45,24 +54,33 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> list[list[dict]
     # 1. Model, tokenizer, and the template + system prompt it was trained with.
     model, tokenizer, template, system_prompt = load_chat_model(args)
     stops = generation_stop_ids(model, tokenizer, template)
+    tools = read_tools(json.loads(args.tools.read_text()), str(args.tools)) if args.tools else None
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    print(f"[template {template} | stop ids {stops} | device {next(model.parameters()).device}]", file=out, flush=True)
+    print(f"[template {template} | stop ids {stops} | device {next(model.parameters()).device}"
+          f"{f' | tools {len(tools)}' if tools else ''}]", file=out, flush=True)
+
+    def reply_to(messages: list[dict]) -> dict:
+        text = say(stream_reply(model, tokenizer, messages, template, args.max_new_tokens, stops, tools), out)
+        return assistant_message(text, out)
 
     # 2. One-shot: one prompt streams, several go as one batch.
     if args.prompt:
         conversations = [start + [{"role": "user", "content": p}] for p in args.prompt]
         if len(conversations) == 1:
-            replies = [say(stream_reply(model, tokenizer, conversations[0], template, args.max_new_tokens, stops), out)]
-        else:
-            replies = generate_replies(model, tokenizer, conversations, template, args.max_new_tokens,
-                                       batch_size=len(conversations), stop_ids=stops)
-            for prompt, reply in zip(args.prompt, replies):
-                print(f"user> {prompt}\nassistant> {reply}", file=out, flush=True)
-        return [c + [{"role": "assistant", "content": r}] for c, r in zip(conversations, replies)]
+            return [conversations[0] + [reply_to(conversations[0])]]
+        replies = generate_replies(model, tokenizer, conversations, template, args.max_new_tokens,
+                                   batch_size=len(conversations), stop_ids=stops, tools=tools)
+        answers = []
+        for prompt, reply in zip(args.prompt, replies):
+            print(f"user> {prompt}\nassistant> {reply}", file=out, flush=True)
+            answers.append(assistant_message(reply, out))
+        return [c + [a] for c, a in zip(conversations, answers)]
 
-    # 3. Interactive: each line is a user turn; the conversation grows until /reset.
+    # 3. Interactive: each line is a user turn (or, after a tool call, `/tool RESULT`); the
+    #    conversation grows until /reset.
     conversations, messages = [], list(start)
-    print("[one message per line; /reset starts over, /exit quits]", file=out, flush=True)
+    print("[one message per line; /tool RESULT answers a tool call, /reset starts over, /exit quits]",
+          file=out, flush=True)
     for line in stdin:
         text = line.strip()
         if text == "/exit":
@@ -73,11 +91,27 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> list[list[dict]
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
-        print(f"user> {text}", file=out, flush=True)
-        reply = say(stream_reply(model, tokenizer, messages, template, args.max_new_tokens, stops), out)
-        messages.append({"role": "assistant", "content": reply})
+        if text.startswith("/tool "):
+            messages.append({"role": "tool", "content": text.removeprefix("/tool ").strip()})
+            print(f"tool> {messages[-1]['content']}", file=out, flush=True)
+        else:
+            messages.append({"role": "user", "content": text})
+            print(f"user> {text}", file=out, flush=True)
+        messages.append(reply_to(messages))
     return conversations + [messages]
+
+
+def assistant_message(reply: str, out) -> dict:
+    """The reply as an assistant message; a reply that calls tools keeps them as `tool_calls` (the
+    text before the first call as content), so later turns render it as training wrote calls."""
+    calls = parse_tool_calls(reply)
+    for call in calls:
+        print(f"[tool call] {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})", file=out, flush=True)
+    if not calls:
+        return {"role": "assistant", "content": reply}
+    content = reply.split("<tool_call>")[0].strip() if "<tool_call>" in reply else ""
+    return {"role": "assistant", "content": content,
+            "tool_calls": [{"type": "function", "function": call} for call in calls]}
 
 
 def say(pieces, out) -> str:
@@ -123,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt_template", choices=TEMPLATES, help="override the saved template")
     parser.add_argument("--system_prompt", help="override the saved system prompt ('' for none)")
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeat for a batch)")
+    parser.add_argument("--tools", type=Path, help="JSON file of function schemas offered to the model")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
     return parser.parse_args(argv)
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from models import load_tokenizer  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from techniques.dpo import (  # noqa: E402
     build_dpo_trainer,
     build_preference_dataset,

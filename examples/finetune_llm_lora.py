@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from transformers import set_seed  # noqa: E402
 
-from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from techniques.lora import apply_lora, count_parameters  # noqa: E402
 from techniques.qlora import apply_qlora, load_4bit_model  # noqa: E402
 from techniques.sft import build_sft_trainer, perplexity  # noqa: E402
@@ -106,7 +106,7 @@ def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
     )
 
 
-def print_measurement(title: str, metrics: dict, answers: list[str] | str, held_out: list[list[dict]]) -> None:
+def print_measurement(title: str, metrics: dict, answers: list[str] | str, held_out: list[tuple]) -> None:
     """Eval loss (mean cross-entropy per supervised token over the eval set), perplexity, answers."""
     lines = [f"\n=== {title} ==="]
     if "eval_loss" in metrics:
@@ -114,7 +114,8 @@ def print_measurement(title: str, metrics: dict, answers: list[str] | str, held_
     if isinstance(answers, str):  # the reason there are none
         lines.append(answers)
     else:
-        lines += [f"  Q: {messages[-1]['content']!r}\n  A: {answer!r}" for messages, answer in zip(held_out, answers)]
+        lines += [f"  Q: {measure.question(messages)!r}\n  A: {answer!r}"
+                  for (messages, _), answer in zip(held_out, answers, strict=False)]
     processes.say(*lines)
 
 

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from runs import measure, outputs, processes  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
+from runs import measure, outputs, processes  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402
 from techniques.lora import count_parameters  # noqa: E402
 from techniques.sft import build_sft_trainer  # noqa: E402

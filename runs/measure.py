@@ -7,18 +7,27 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from config import Settings
-from data.dataset import held_out_prompt, load_splits
+from data.readers import held_out_prompt, load_conversation_splits
 from inference import generate_replies
 from runs.processes import is_main, sharded_weights
 
 
-def held_out_prompts(settings: Settings, n: int) -> list[list[dict]]:
-    """The first `n` eval conversations, cut before their last assistant turn."""
-    return [held_out_prompt(messages)[0] for messages in load_splits(settings).get("eval", [])[:n]]
+def held_out_prompts(settings: Settings, n: int) -> list[tuple[list[dict], list[dict] | None]]:
+    """The first `n` eval conversations cut before their last assistant turn, each with the tool
+    list its record offers (None without tools): (messages, tools)."""
+    eval_split = load_conversation_splits(settings).get("eval", [])[:n]
+    return [(held_out_prompt(conversation.messages)[0], conversation.tools) for conversation in eval_split]
 
 
-def held_out_answers(model, tokenizer, held_out: list[list[dict]], template: str, trainer=None) -> list[str] | str:
-    """Greedy answers to `held_out`, generated on the main process alone (the others get []).
+def question(messages: list[dict]) -> str:
+    """The last user turn of a held-out prompt, to print next to its answer."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def held_out_answers(model, tokenizer, held_out: list[tuple[list[dict], list[dict] | None]], template: str,
+                     trainer=None) -> list[str] | str:
+    """Greedy answers to `held_out` (from `held_out_prompts`; each prompt offered its own tools),
+    generated on the main process alone (the others get []).
 
     Pass the `trainer` after training: when it has sharded the weights (FSDP, ZeRO-3) no single
     process holds the model, and the reason is returned instead of answers.
@@ -28,7 +37,15 @@ def held_out_answers(model, tokenizer, held_out: list[list[dict]], template: str
         return f"held-out answers skipped: {reason}; chat with the saved folder instead (examples/chat.py)"
     if not held_out or not is_main():
         return []
-    return generate_replies(model, tokenizer, held_out, template)
+    answers, start = [], 0
+    while start < len(held_out):  # one batch per run of prompts that share a tool list
+        end = start + 1
+        while end < len(held_out) and held_out[end][1] == held_out[start][1]:
+            end += 1
+        prompts = [messages for messages, _ in held_out[start:end]]
+        answers += generate_replies(model, tokenizer, prompts, template, tools=held_out[start][1])
+        start = end
+    return answers
 
 
 def first_eval(trainer) -> dict:

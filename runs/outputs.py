@@ -10,7 +10,8 @@ from pathlib import Path
 from transformers import GenerationConfig, TrainerCallback
 
 from config import Settings, save_settings
-from data.dataset import chat_template_for, stop_token_ids
+from data.chat_templates import chat_template_for
+from data.templates import stop_token_ids
 from runs.processes import is_main
 
 
@@ -36,8 +37,9 @@ def save_final(trainer, tokenizer, settings: Settings, final_dir: str | Path) ->
     """Write the trained model (adapter or full weights), tokenizer, generation config and settings
     to `final_dir`; call it on every process.
 
-    The tokenizer's chat template becomes the training template (`chat_template_for`), so servers
-    that render with the tokenizer prompt the model as it learned. The generation config stops on
+    The tokenizer's chat template becomes the training template (`chat_template_for`, with the run's
+    system prompt as its default system turn), so servers that render with the tokenizer prompt
+    the model token for token as it learned. The generation config stops on
     every stop id of the template (eos + turn end). Settings are saved without secrets. Weights go
     through `trainer.save_model`, collective under FSDP and ZeRO-3. Everything is written to a
     temporary sibling folder first and renamed into place by the main process once complete, so a
@@ -45,7 +47,7 @@ def save_final(trainer, tokenizer, settings: Settings, final_dir: str | Path) ->
     """
     final_dir = Path(final_dir)
     partial = final_dir.parent / f".{final_dir.name}.partial"
-    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer)
+    tokenizer.chat_template = chat_template_for(settings.prompt_template, tokenizer, settings.system_prompt)
     if is_main():
         shutil.rmtree(partial, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -44,7 +44,7 @@ Data: records are read by `to_preference` (prompt/chosen/rejected as strings or 
 instruction + chosen/rejected; ShareGPT conversations + chosen + rejected; chosen/rejected
 transcripts whose shared prefix is the prompt) and rendered with the SFT templates
 (`prompt_template`: alpaca, chatml, phi3, llama3, tokenizer), so an SFT-then-DPO pipeline sees one
-format. Each pair is tokenized by construction (`data.dataset.encode_prompt_completion`): the
+format. Each pair is tokenized by construction (`data.examples.encode_prompt_completion`): the
 prompt once, each answer alone, and TRL gets `prompt_ids` / `chosen_ids` / `rejected_ids`
 (the columns TRL 1.16 reads), so both rows share identical prompt ids and the completion mask is
 exactly the answer plus its turn-end token. Truncation is ours too (`truncate_pair`); TRL's
@@ -68,14 +68,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from config import Settings
-from data.dataset import (
-    DatasetError,
-    encode_prompt_completion,
-    load_records,
-    split_records,
-    template_bos_length,
-    to_messages,
-)
+from data.errors import DatasetError
+from data.examples import encode_prompt_completion, template_bos_length
+from data.readers import load_records, split_records, to_messages
 from models import load_model
 from techniques.lora import apply_lora
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
@@ -110,7 +105,7 @@ def to_preference(record: dict, *, source: str | None = None, index: int | None 
       ("\\n\\nHuman: ...\\n\\nAssistant: ..."), parsed into turns; the prompt is their longest shared
       prefix of turns, and each must continue it with exactly one assistant turn.
 
-    Turn order is checked as for SFT (`data.dataset.to_messages`). Raises DatasetError naming the
+    Turn order is checked as for SFT (`data.readers.to_messages`). Raises DatasetError naming the
     source, record index and field.
     """
     try:
@@ -167,7 +162,7 @@ def _answer(value: Any, field: str) -> str:
 
 def _checked_turns(turns: list, field: str, answer: str | None = None) -> list[dict]:
     """Messages (role/content, or ShareGPT from/value) + the `answer` as a last assistant turn,
-    checked like SFT conversations (`data.dataset.to_messages`)."""
+    checked like SFT conversations (`data.readers.to_messages`)."""
     sharegpt = bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
     if answer is not None:
         turns = turns + [{"from": "gpt", "value": answer} if sharegpt else {"role": "assistant", "content": answer}]
@@ -209,7 +204,7 @@ def _transcript_turns(value: Any, field: str) -> list[dict]:
 
 
 def load_preference_pairs(path: str, system_prompt: str | None = None) -> list[tuple[list[dict], str, str]]:
-    """`to_preference` of every record in `path` (see `data.dataset.load_records` for file types);
+    """`to_preference` of every record in `path` (see `data.readers.load_records` for file types);
     `system_prompt` is prepended to prompts without a system turn. Every record is checked before
     raising: one DatasetError names each malformed record (the first 10) and keeps all in `problems`."""
     pairs, problems = [], []

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from config import LoraSettings, Settings
-from data.dataset import stop_token_ids
+from data.templates import stop_token_ids
 
 log = logging.getLogger(__name__)
 

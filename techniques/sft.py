@@ -1,6 +1,6 @@
 """Supervised fine-tuning trainer (TRL `SFTTrainer`) shared by the LoRA, QLoRA and full recipes.
 
-The dataset arrives already tokenized with `labels` (see `data.dataset.build_sft_example`), so
+The dataset arrives already tokenized with `labels` (see `data.examples.build_sft_example`), so
 TRL uses our loss masks as they are: its own chat-template and truncation handling stay off.
 """
 
@@ -22,7 +22,7 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     """TRL `SFTConfig`: `trainer_arguments` plus SFT's own keywords; `overrides` win over everything.
 
     `max_length=None` without packing because examples were already truncated by our documented
-    rule (`data.dataset.build_sft_example`).
+    rule (`data.examples.build_sft_example`).
 
     Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
     max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer) and its

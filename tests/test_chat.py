@@ -125,3 +125,28 @@ def test_chat_loads_base_and_template_from_an_adapter_folder(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     expected = generate_replies(live, tokenizer, [conversation[:-1]], "alpaca", max_new_tokens=8)[0]
     assert conversation[-1]["content"] == expected
+
+
+def test_chat_offers_the_tools_file_and_shows_a_tool_call(tmp_path):
+    folder = merged_dir_with_settings(tmp_path, "chatml")
+    tools_file = Path(__file__).resolve().parents[1] / "data" / "tool_demo_tools.json"
+    out = io.StringIO()
+    argv = ["--model_dir", str(folder), "--tools", str(tools_file), "--max_new_tokens", "6"]
+    [conversation] = chat.main(argv + ["--prompt", "Where is Dune?"], out=out)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tools = chat.read_tools(json.loads(tools_file.read_text()))
+    expected = generate_replies(model, tokenizer, [conversation[:-1]], "chatml", max_new_tokens=6, tools=tools)[0]
+    assert conversation[-1]["content"] == expected and "| tools 3]" in out.getvalue()
+    assert expected != generate_replies(model, tokenizer, [conversation[:-1]], "chatml", max_new_tokens=6)[0]
+
+    out = io.StringIO()
+    reply = 'Let me look.\n<tool_call>\n{"name": "find_book", "arguments": {"title": "Dune"}}\n</tool_call>'
+    assert chat.assistant_message(reply, out) == {
+        "role": "assistant", "content": "Let me look.",
+        "tool_calls": [{"type": "function", "function": {"name": "find_book", "arguments": {"title": "Dune"}}}],
+    }
+    assert out.getvalue() == '[tool call] find_book({"title": "Dune"})\n'
+    stdin = io.StringIO('Where is Dune?\n/tool {"shelf": "B12"}\n')
+    [conversation] = chat.main(argv, stdin=stdin, out=io.StringIO())
+    assert [m["role"] for m in conversation] == ["user", "assistant", "tool", "assistant"]
+    assert conversation[2]["content"] == '{"shelf": "B12"}'

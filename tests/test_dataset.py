@@ -1,4 +1,4 @@
-"""Tests for data/dataset.py: readers, loaders, templates, label masks, truncation, splits, report.
+"""Tests for data/: readers and loaders, templates, label masks, truncation, splits, the builder and its report.
 
 Tiny tokenizers come from tests/tiny.py (byte-level BPE trained in-process). Tests that read the
 reference files in ../shared skip when that folder is absent.
@@ -19,26 +19,20 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from data.dataset import (
-    IGNORE_INDEX,
-    DatasetError,
-    build_sft_dataset,
-    build_sft_dataset_with_report,
-    build_sft_example,
-    check_template_tokens,
+from data.dataset import build_sft_dataset, build_sft_dataset_with_report
+from data.errors import DatasetError
+from data.examples import IGNORE_INDEX, build_sft_example, encode_prompt
+from data.readers import (
     detect_format,
-    encode_prompt,
     held_out_prompt,
     load_messages,
     load_records,
     load_splits,
     parse_role_map,
-    render,
     split_records,
-    stop_token_ids,
     to_messages,
-    turn_end_token,
 )
+from data.templates import check_template_tokens, render, stop_token_ids, turn_end_token
 from tests.tiny import make_model, make_tokenizer, one_torch_thread
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -429,12 +423,14 @@ def test_truncate_prompt_drops_from_the_left_as_documented():
     cut = build_sft_example(messages, tokenizer, "chatml", 10)
     assert cut["input_ids"] == full["input_ids"][5:] and cut["labels"] == full["labels"][5:]
     assert tokenizer.decode(cut["input_ids"]) == "2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
-    # the supervised part alone is too long: the context goes, the answer is cut from the right
-    tiny = build_sft_example(messages, tokenizer, "chatml", 2)
-    assert tiny["input_ids"] == full["input_ids"][12:14] and tiny["labels"] == full["labels"][12:14]
+    # the cut stops at the user turn's end + the assistant header; an answer is never cut or left alone
+    header_only = build_sft_example(messages, tokenizer, "chatml", 8)
+    assert header_only["input_ids"] == full["input_ids"][7:] and header_only["labels"] == full["labels"][7:]
+    assert build_sft_example(messages, tokenizer, "chatml", 7) is None
+    assert build_sft_example(messages, tokenizer, "chatml", 2) is None
 
 
-def test_truncate_prompt_keeps_bos_and_cuts_long_answers():
+def test_truncate_prompt_keeps_bos_and_drops_answers_that_leave_no_room_for_their_header():
     tokenizer = make_tokenizer("llama3")
     messages = [user("Tell me a joke about cats and dogs."), assistant("The quick brown fox jumps over the lazy dog.")]
     full = build_sft_example(messages, tokenizer, "llama3", 4096)
@@ -443,18 +439,22 @@ def test_truncate_prompt_keeps_bos_and_cuts_long_answers():
     cut = build_sft_example(messages, tokenizer, "llama3", n)
     assert cut["input_ids"] == full["input_ids"][:1] + full["input_ids"][4:]
     assert cut["labels"] == [IGNORE_INDEX] + full["labels"][4:]
-    n = 5  # shorter than BOS + answer: BOS + the first 4 answer tokens
-    cut = build_sft_example(messages, tokenizer, "llama3", n)
-    assert cut["input_ids"] == full["input_ids"][:1] + full["input_ids"][s : s + 4]
-    assert cut["labels"] == [IGNORE_INDEX] + full["input_ids"][s : s + 4]
+    # the shortest row: BOS + the user turn's <|eot_id|> + the assistant header + the whole answer
+    n = min(n for n in range(1, len(full["input_ids"])) if build_sft_example(messages, tokenizer, "llama3", n))
+    shortest = build_sft_example(messages, tokenizer, "llama3", n)["input_ids"]
+    assert shortest == full["input_ids"][:1] + full["input_ids"][len(full["input_ids"]) - (n - 1) :]
+    assert tokenizer.decode(shortest[1 : 1 + n - 1 - (len(full["input_ids"]) - s)]) == (
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
-def test_multi_turn_truncation_cuts_earlier_turns_positionally():
+def test_multi_turn_truncation_drops_earlier_exchanges_whole():
+    """(tests/test_truncation.py tests each case; here the conversation of these tests.)"""
     tokenizer = make_tokenizer("chatml")
     messages = CONVERSATIONS["multi_turn"]
     full = build_sft_example(messages, tokenizer, "chatml", 4096)
     cut = build_sft_example(messages, tokenizer, "chatml", len(full["input_ids"]) - 20)
-    assert cut["input_ids"] == full["input_ids"][20:] and cut["labels"] == full["labels"][20:]
+    assert cut == build_sft_example(messages[:1] + messages[3:], tokenizer, "chatml", 4096)  # system + last exchange
 
 
 def test_drop_strategy_and_zero_supervised_examples_return_none():
@@ -504,13 +504,14 @@ def test_report_counts_truncated_dropped_and_unsupervised(tmp_path):
     assert (report.splits["train"].kept, report.splits["train"].dropped_too_long) == (1, 1)
     table = report.format()
     assert "dropped_too_long" in table and "dropped_no_supervised" in table
-    assert re.search(r"^train\s+3\s+1\s+0\s+1\s+1\s", table.splitlines()[2])
+    assert re.search(r"^train\s+3\s+1\s+0\s+0\s+1\s+1\s", table.splitlines()[2])
     assert "packing=false" in table and "packed_rows" not in table  # packing columns only with packing
     assert table.splitlines()[3:] == [
         f"dropped from train: {path}: record 1: dropped_no_supervised: "
-        "no supervised token (an empty answer, or truncation left none)",
+        "no supervised token (an empty answer, or every answer has weight 0)",
         f"dropped from train: {path}: record 2: dropped_too_long: "
-        "longer than max_seq_length (truncation_strategy=drop)",
+        "its last exchange alone is longer than max_seq_length (truncation_strategy=drop)",
+        "warning: train: 1 records with an empty answer (trained to answer nothing): records 1",
     ]
 
 
@@ -795,16 +796,22 @@ MALFORMED = [
     ({"instruction": "x"}, "alpaca", "output", "missing field"),
     ({"instruction": 3, "output": "y"}, "alpaca", "instruction", "expected a string"),
     (
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "f()"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
         "sharegpt",
         "conversations[1].from",
-        "unknown role 'function_call'",
+        "unknown role 'bot'",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "f()"}]},
+        "sharegpt",
+        "conversations[1].value",
+        "not valid JSON",
     ),
     (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "observation", "value": "o"}]},
         "auto",
         "conversations[1].from",
-        "unknown role 'observation'",
+        "a tool result must follow an assistant turn with tool calls",
     ),
     (
         {
@@ -816,7 +823,7 @@ MALFORMED = [
         },
         "messages",
         "messages[2].role",
-        "unknown role 'tool'",
+        "a tool result must follow an assistant turn with tool calls",
     ),
     ({"conversations": []}, "sharegpt", "conversations", "empty conversation"),
     ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt", "conversations", "no assistant turn"),
@@ -927,11 +934,12 @@ GLAIVE_LIKE = {  # a function-calling record in ShareGPT form (roles as LLaMA-Fa
 
 
 def test_unknown_role_error_names_the_role_the_record_and_the_setting(tmp_path):
-    path = write_jsonl(tmp_path / "calls.jsonl", [CHAT_RECORDS[0], GLAIVE_LIKE])
+    bot = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}
+    path = write_jsonl(tmp_path / "calls.jsonl", [CHAT_RECORDS[0], bot])
     with pytest.raises(DatasetError) as info:
         load_messages(path)
-    assert (info.value.index, info.value.field) == (1, "conversations[2].from")
-    assert "record 1" in str(info.value) and "unknown role 'function_call'" in str(info.value)
+    assert (info.value.index, info.value.field) == (1, "conversations[1].from")
+    assert "record 1" in str(info.value) and "unknown role 'bot'" in str(info.value)
     assert "role_map" in str(info.value)
 
 
@@ -1112,12 +1120,13 @@ def test_settings_are_validated_at_once(tmp_path):
 def test_real_files_build_or_are_reported(relative, records, template):
     path = shared_file(relative)
     tokenizer = make_tokenizer("chatml")
-    config = settings(dataset_path=str(path), prompt_template=template, max_seq_length=1024)
+    # the tiny tokenizer writes most text byte by byte: 4096 tokens hold every answer of these files
+    config = settings(dataset_path=str(path), prompt_template=template, max_seq_length=4096)
     data, report = build_sft_dataset_with_report(config, tokenizer)
     train = report.splits["train"]
     assert train.records == records
     assert train.kept + train.dropped_too_long + train.dropped_no_supervised == records
-    assert data["train"].num_rows == train.kept > 0 and train.length_max <= 1024
+    assert data["train"].num_rows == train.kept > 0 and train.length_max <= 4096
     assert 0 < train.supervised_tokens <= train.total_tokens
 
 
@@ -1172,7 +1181,7 @@ def test_real_file_report_with_packing_shows_efficiency():
     config = settings(dataset_path=str(path), max_seq_length=512, packing=True)
     _, report = build_sft_dataset_with_report(config, make_tokenizer("chatml"))
     train = report.splits["train"]
-    assert train.kept == 999 and 0 < train.packed_rows < train.kept
+    assert train.kept + train.dropped_too_long == 999 and 0 < train.packed_rows < train.kept
     assert train.packing_efficiency == pytest.approx(train.total_tokens / (train.packed_rows * 512))
     assert train.packing_efficiency > 0.9  # best-fit decreasing fills rows well on this length mix
     assert "packing_efficiency" in report.format()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tests.tiny_model as tiny_model
 from config import Settings, get_settings
-from data.dataset import DatasetError
+from data.errors import DatasetError
 from models import load_model, load_tokenizer
 from techniques.dpo import (
     build_dpo_trainer,

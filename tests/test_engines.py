@@ -61,7 +61,8 @@ def demo(tmp_path_factory):
     import finetune_llm_lora
     import merge_adapter
 
-    from data.dataset import encode_prompt, stop_token_ids
+    from data.examples import encode_prompt
+    from data.templates import stop_token_ids
     from inference import generate_ids
     from models import load_model, load_tokenizer
     from techniques.lora import adapter_settings

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from config import Settings, get_settings
-from data.dataset import build_sft_example
+from data.examples import build_sft_example
 from models import load_model, load_tokenizer
 from techniques.dpo import build_dpo_trainer, build_preference_dataset, load_policy
 from techniques.lora import apply_lora

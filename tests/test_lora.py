@@ -207,3 +207,96 @@ def test_qlora_merge_is_dequantized_weight_plus_scaled_delta(tiny_dir_64, tmp_pa
     for key, expected in deltas.items():
         torch.testing.assert_close(state[key], expected, atol=1e-6, rtol=0)
     assert (logits(merged) - live).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- rsLoRA, DoRA, warmup given as a fraction
+
+
+def first_q_proj(model):
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def perturb_dora_magnitudes(model, seed=1):
+    """DoRA's magnitude m starts at the column norms of W; move it so its role in the merge is tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+
+
+def test_rslora_scale_is_alpha_over_sqrt_r_after_save_load_and_merge(tiny_dir, tmp_path):
+    s = settings_for(tiny_dir, "--use_rslora", "true", "--lora_r", "4", "--lora_alpha", "8")
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    assert first_q_proj(model).scaling == {"default": 4.0}  # 8 / sqrt(4); plain LoRA would be 8 / 4 = 2
+    randomize_lora_b(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_lora(load_model(s, path=str(tiny_dir)), tmp_path / "adapter")
+    assert first_q_proj(reloaded).scaling == {"default": 4.0}
+    assert torch.equal(logits(reloaded), expected)
+
+    q = first_q_proj(model)
+    w = q.base_layer.weight.detach().clone()
+    delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight).detach()
+    merge_and_save_lora(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    merged_q = merged.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(merged_q, w + 4.0 * delta, atol=1e-6, rtol=0)
+    assert (merged_q - (w + 2.0 * delta)).abs().max() > 1e-3  # the alpha / r scale would be told apart
+    assert (logits(merged) - expected).abs().max().item() <= 1e-4
+
+
+def test_dora_starts_at_the_base_round_trips_and_merges_by_its_formula(tiny_dir, tmp_path):
+    """DoRA (Liu et al. 2024, eq. 5): W' = m * (W + s B A) / ||W + s B A||, the norm per output row
+    (PEFT's layout of nn.Linear weights, [out, in]); m starts at ||W|| and B at 0, so step 0 == base."""
+    s = settings_for(tiny_dir, "--use_dora", "true", "--lora_r", "4", "--lora_alpha", "8")
+    base_logits = logits(load_model(s, path=str(tiny_dir)))
+    model = apply_lora(load_model(s, path=str(tiny_dir)), s)
+    torch.testing.assert_close(logits(model), base_logits, atol=1e-5, rtol=0)
+    q = first_q_proj(model)
+    torch.testing.assert_close(q.lora_magnitude_vector["default"].weight, q.base_layer.weight.norm(dim=1))
+
+    randomize_lora_b(model)
+    perturb_dora_magnitudes(model)
+    expected = logits(model)
+    assert (expected - base_logits).abs().max() > 1e-2
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_lora(load_model(s, path=str(tiny_dir)), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-6, rtol=0)
+
+    w = q.base_layer.weight.detach().clone()
+    updated = w + 2.0 * (q.lora_B["default"].weight @ q.lora_A["default"].weight).detach()  # s = 8 / 4
+    magnitude = q.lora_magnitude_vector["default"].weight.detach()
+    formula = (magnitude / updated.norm(dim=1)).unsqueeze(1) * updated
+    diff = merge_and_save_lora(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, formula, atol=1e-6, rtol=0)
+    assert diff <= 1e-4 and (logits(merged) - expected).abs().max().item() <= 1e-4
+
+
+def test_warmup_steps_below_1_is_a_fraction_of_all_steps(tiny_dir, tmp_path):
+    """Optimizer step k (from 1) runs at lr * schedule(k - 1) with ceil(fraction * max_steps) warmup
+    steps: 0.3 of 8 steps is 3 (2.4 rounded up, not down)."""
+    from datasets import Dataset, DatasetDict
+
+    from models import load_tokenizer
+    from techniques.sft import build_sft_trainer
+    from tests.test_full_finetune import Recorder, schedule
+    from tests.tiny import one_torch_thread
+
+    fraction, warmup, total = 0.3, 3, 8
+    s = settings_for(tiny_dir, "--warmup_steps", str(fraction), "--max_steps", str(total), "--learning_rate", "1e-3",
+                     "--lr_scheduler_type", "linear", "--per_device_train_batch_size", "1", "--output_dir",
+                     str(tmp_path / "run"), "--logging_steps", "100", "--eval_split_size", "0")
+    examples = [[1, 5 + i, 9, 13, 2] for i in range(4)]
+    data = DatasetDict({"train": Dataset.from_dict(
+        {"input_ids": examples, "labels": examples, "attention_mask": [[1] * 5 for _ in examples]})})
+    trainer = build_sft_trainer(apply_lora(load_model(s, path=str(tiny_dir)), s), load_tokenizer(s, tiny_dir), data, s)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    with one_torch_thread():
+        trainer.train()
+    expected = [1e-3 * schedule("linear", k - 1, warmup, total) for k in range(1, total + 1)]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert expected[warmup] == 1e-3 and expected[warmup - 1] < 1e-3  # the peak is reached at step warmup + 1

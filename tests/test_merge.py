@@ -221,6 +221,39 @@ def test_qlora_merge_onto_original_weights_is_w_plus_scaled_delta(tiny_dir_64, t
         merge_and_save_qlora(model, tmp_path / "other", s, onto="nf4")
 
 
+def test_qlora_dora_merge_reproduces_the_live_4bit_model(tiny_dir_64, tmp_path):  # noqa: F811
+    """QLoRA + DoRA: the merged folder is m * (dequant(Q(W)) + s B A) / ||...|| per output row and gives
+    the live 4-bit model's logits (train mode, where bitsandbytes computes in the compute dtype)."""
+    from techniques.qlora import apply_qlora, dequantized_state, load_4bit_model, merge_and_save_qlora
+    from tests.test_lora import perturb_dora_magnitudes
+
+    s = settings_for(tiny_dir_64, "--load_in_4bit", "true", "--use_dora", "true", "--lora_r", "4", "--lora_alpha", "8")
+    base_live = logits(load_4bit_model(s, str(tiny_dir_64)).train())
+    model = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+    model.train()
+    torch.testing.assert_close(logits(model), base_live, atol=1e-4, rtol=0)  # step 0 == the 4-bit base
+    randomize_lora_b(model)
+    perturb_dora_magnitudes(model)
+    live = logits(model)
+    assert (live - base_live).abs().max() > 1e-2
+    deq = dequantized_state(model)
+    expected = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A"):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            updated = deq[name + ".base_layer.weight"] + 2.0 * (b @ a).detach()
+            magnitude = module.lora_magnitude_vector["default"].weight.detach()
+            expected[name.removeprefix("base_model.model.") + ".weight"] = (magnitude / updated.norm(dim=1))[:, None] * updated
+
+    diff = merge_and_save_qlora(model, tmp_path / "merged", s)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    state = merged.state_dict()
+    assert len(expected) == 14  # 7 projections x 2 layers
+    for key, weight in expected.items():
+        torch.testing.assert_close(state[key], weight, atol=1e-5, rtol=0, msg=key)
+    assert diff <= 1e-4 and (logits(merged) - live).abs().max().item() <= 1e-4
+
+
 # ---------------------------------------------------------------- the CLI
 
 

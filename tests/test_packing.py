@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from config import get_settings
-from data.dataset import IGNORE_INDEX, build_sft_dataset_with_report
+from data.dataset import build_sft_dataset_with_report
+from data.examples import IGNORE_INDEX
 from models import load_model, load_tokenizer
 from techniques.sft import build_sft_trainer, sft_config
 from tests.tiny import make_model, make_tokenizer, one_torch_thread

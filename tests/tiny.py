@@ -11,7 +11,9 @@ Families and their special tokens (ids in this order, from 0):
             Adds <s> with add_special_tokens=True, like the real (Llama sentencepiece) tokenizer.
 - "llama3": <|begin_of_text|> (bos), <|end_of_text|> (eos), <|start_header_id|>,
             <|end_header_id|>, <|eot_id|>. Adds <|begin_of_text|> by default, like Llama 3.
-- "plain":  <s> (bos), </s> (eos); no chat tokens (for "template tokens missing" tests).
+- "qwen":   <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos); NO bos token at all (bos_token None),
+            like Qwen2.5.
+- "plain":  <s> (bos), </s> (eos); no chat tokens (for "template tokens missing" tests). No BOS added.
 
 `make_model(tokenizer)` returns a tiny random Llama (2 layers, 32 wide) sized to a tokenizer, for
 tests that run, pack or toy-train a model without any files.
@@ -53,6 +55,13 @@ FAMILIES = {
         "pad_token": None,
         "adds_bos": True,
     },
+    "qwen": {
+        "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "adds_bos": False,
+    },
     "plain": {
         "special_tokens": ["<s>", "</s>"],
         "bos_token": "<s>",
@@ -77,7 +86,7 @@ CORPUS = [
 
 
 @cache
-def _trained_json(family: str, vocab_size: int) -> str:
+def _trained_json(family: str, vocab_size: int, extra_corpus: tuple[str, ...] = ()) -> str:
     spec = FAMILIES[family]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,7 +97,7 @@ def _trained_json(family: str, vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(CORPUS * 4 + list(extra_corpus), trainer)
     if spec["adds_bos"]:
         bos = spec["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -97,10 +106,11 @@ def _trained_json(family: str, vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def make_tokenizer(family: str, vocab_size: int = 500) -> PreTrainedTokenizerFast:
-    """A fresh fast tokenizer of `family` (see module docstring)."""
+def make_tokenizer(family: str, vocab_size: int = 500, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A fresh fast tokenizer of `family` (see module docstring); `extra_corpus` (with a larger
+    `vocab_size`) makes the text of a given dataset short, e.g. for a toy training run on it."""
     spec = FAMILIES[family]
-    backend = Tokenizer.from_str(_trained_json(family, vocab_size))
+    backend = Tokenizer.from_str(_trained_json(family, vocab_size, tuple(extra_corpus)))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=spec["bos_token"],
