@@ -370,7 +370,9 @@ def format_settings_error(err: ValidationError) -> str:
             continue
         name = str(e["loc"][0])
         if e["type"] == "extra_forbidden":
-            where = "environment" if any(k.lower() == name for k in os.environ) else ".env"
+            # pydantic-settings reports unknown .env keys; of the environment only _MisspelledEnv's
+            in_env = name.upper().startswith(OWN_ENV_PREFIXES) and any(k.lower() == name for k in os.environ)
+            where = "environment" if in_env else ".env"
             close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.6)
             hint = (f"did you mean {close[0].upper()}?" if close else "see --help or .env.example for every setting"
                     if where == "environment" else "a .env line sets an ft-kit setting only (export other variables "

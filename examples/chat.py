@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from config import TEMPLATES, get_settings  # noqa: E402
 from inference import generate_replies, generation_stop_ids, load_adapter_model, stream_reply  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from runs import cli  # noqa: E402
 from techniques.lora import adapter_settings  # noqa: E402
 
 
@@ -128,4 +129,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -234,7 +234,7 @@ def test_merge_adapter_cli_reads_base_and_template_from_the_adapter_folder(tmp_p
     assert (logits(merged) - expected).abs().max().item() <= 1e-4
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [2]
     assert json.loads((tmp_path / "merged" / "run_settings.json").read_text())["prompt_template"] == "alpaca"
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty"):
         merge_adapter.main(["--adapter_dir", str(adapter_dir), "--output_dir", str(tmp_path / "merged")])
 
 
