@@ -157,6 +157,7 @@ def test_load_model_passes_its_arguments_through(tiny_dir, cache_dir, monkeypatc
         trust_remote_code=True,
         token=SECRET,
         device_map="auto",
+        use_safetensors=True,  # never unpickle weights unless allow_pickle_weights
     )
     seen.clear()
     models.load_model(make_settings(tiny_dir, cache_dir), path=str(tiny_dir))
