@@ -27,6 +27,7 @@ Sources of the formats:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -156,7 +157,8 @@ def to_messages(
     Turn rules (checked for every format): an optional system turn, only first, and kept; then
     user and assistant alternate starting with user (two consecutive turns of one role, after
     `role_map`, are rejected, never merged or dropped: merge them in the data); at least one
-    assistant turn; a trailing user turn is kept (it is rendered as prompt and never supervised).
+    assistant turn; the last turn is the assistant's (a trailing user turn would never be
+    answered nor trained on: a record cut short).
     Every turn of the record becomes one message; roles come from the role field, never from
     positions.
 
@@ -245,6 +247,10 @@ def _check_turn_order(messages: list[dict], field_pattern: str) -> None:
         previous = role
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError("no assistant turn, nothing to train on", field=field_pattern.split("[")[0])
+    if messages[-1]["role"] != "assistant":
+        raise DatasetError(f"the conversation ends with a {messages[-1]['role']!r} turn that nothing answers (a record "
+                           "cut short?): end it with the assistant's answer, or remove that turn",
+                           field=field_pattern.format(len(messages) - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,13 +267,17 @@ def load_records(path: str | Path) -> list[dict]:
     Anything else is a hub name, loaded with `datasets.load_dataset(name, split="train")`.
 
     Raises:
-        DatasetError: unsupported suffix; invalid JSON (with file and line number); a path that is
-            neither a local file nor loadable from the hub (offline, unknown name).
+        DatasetError: unsupported suffix; invalid JSON (with file and line number); text that is
+            not UTF-8 (with line and column); a file without records; a path that is neither a
+            local file nor loadable from the hub (offline, unknown name).
     """
     path_str = str(path)
     local = Path(path_str).expanduser()
     if local.is_file():
-        return _read_local_file(local)
+        records = _read_local_file(local)
+        if not records:
+            raise DatasetError("the file holds no records", source=str(local))
+        return records
     if local.is_dir():
         return _load_with_datasets(path_str)
     if path_str.startswith(("/", ".", "~")):
@@ -290,14 +300,25 @@ def _read_local_file(path: Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     raise DatasetError(f"unsupported file type {suffix!r}; expected one of {LOCAL_SUFFIXES}", source=str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; DatasetError naming the line and column of the first byte that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetError(f"not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line}, column {column} ({err.reason}); "
+                           "save the file as UTF-8", source=str(path)) from None
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", source=str(path)
@@ -311,14 +332,13 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"invalid JSON on line {line_number}: {err.msg}", source=str(path)) from None
+    for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"invalid JSON on line {line_number}: {err.msg}", source=str(path)) from None
     return records
 
 
