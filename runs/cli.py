@@ -16,7 +16,8 @@ message on stderr without a traceback:
 
 Anything else (a bug, out of memory) keeps its traceback. `FT_KIT_TRACEBACK=1` re-raises the
 errors above too, to see where they came from. Library callers of `main(argv)` get the exceptions
-themselves. Under several processes the main process prints the block; the others one line.
+themselves. Under several processes the main process prints the block; the others print the
+first line of an error (it may be theirs alone) and nothing for a stop (every rank agreed on it).
 """
 
 from __future__ import annotations
@@ -71,5 +72,5 @@ def _report(message: str, kind: str = "error") -> None:
     rank = int(os.environ.get("RANK", "0"))  # no collective here: the process group may not exist yet
     if rank == 0:
         print(f"{kind}: {message}", file=sys.stderr, flush=True)
-    else:
+    elif kind == "error":  # a stop is agreed by every rank; an error may be this rank's own
         print(f"[rank {rank}] {kind}: {message.splitlines()[0]}", file=sys.stderr, flush=True)

@@ -214,7 +214,7 @@ def resume_command(script: str | Path, argv: list[str]):
     launcher = ["python"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launcher = (["accelerate", "launch", "--config_file", "<the same config>"]
-                    if any(k.startswith("ACCELERATE_") for k in os.environ)
+                    if "ACCELERATE_MIXED_PRECISION" in os.environ  # set by `accelerate launch` for its workers
                     else ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])])
     return lambda checkpoint: shlex.join([*launcher, str(shown), *kept, "--resume_from_checkpoint", str(checkpoint)])
 

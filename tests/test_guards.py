@@ -167,7 +167,10 @@ def test_the_resume_command_keeps_the_flags_and_leaves_out_secrets(tmp_path, mon
     assert command == "python examples/dpo.py --lora_r 8 --max_steps 9 --resume_from_checkpoint out/checkpoint-4"
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert guards.resume_command("examples/dpo.py", [])("c").startswith("torchrun --nproc_per_node 2 examples/dpo.py")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert guards.resume_command("examples/dpo.py", [])("c").startswith("accelerate launch --config_file '<the same config>'")
 
 
 # ---------------------------------------------------------------- a signal, a diverged step

@@ -263,3 +263,22 @@ def test_adapter_settings_fall_back_to_adapter_config(tmp_path):
     (adapter_dir / "run_settings.json").unlink()
     assert adapter_settings(adapter_dir).base_model_name == str(model_dir)
     assert adapter_settings(adapter_dir, base_model_name="other").base_model_name == "other"
+
+
+def test_a_saved_run_never_turns_on_remote_code_or_pickles(tmp_path, monkeypatch):
+    """run_settings.json is data from a folder: its trust_remote_code / allow_pickle_weights (here
+    both true, as a tampered or careless folder would have them) are not read back; this run's own
+    environment decides. Without the filter chat and merge ran the base folder's Python code."""
+    from techniques.lora import adapter_settings
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    adapter_dir, _ = make_adapter_dir(tmp_path, model_dir, "chatml")
+    saved = json.loads((adapter_dir / "run_settings.json").read_text())
+    saved.update(trust_remote_code=True, allow_pickle_weights=True, a_future_setting=1)
+    (adapter_dir / "run_settings.json").write_text(json.dumps(saved))
+    for name in ("TRUST_REMOTE_CODE", "ALLOW_PICKLE_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = adapter_settings(adapter_dir)
+    assert (settings.trust_remote_code, settings.allow_pickle_weights, settings.prompt_template) == (False, False, "chatml")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "true")  # the user's own choice for this run
+    assert adapter_settings(adapter_dir).trust_remote_code is True
