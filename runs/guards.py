@@ -98,7 +98,8 @@ class RunGuard:
         self.command = resume_command(script, sys.argv[1:] if argv is None else list(argv))
 
     def raise_if_stopped(self, trainer) -> None:
-        """After `trainer.train()`: raise `Diverged` or `Interrupted` when a callback stopped it."""
+        """After `trainer.train()`: raise `Diverged` or `Interrupted` when a callback stopped it
+        (not for a signal during the last step: training is complete, the example saves as usual)."""
         output_dir = Path(self.settings.output_dir)
         if self.divergence.step is not None:
             last = complete_checkpoints(output_dir)
@@ -107,7 +108,8 @@ class RunGuard:
                     else "no checkpoint was saved before it (SAVE_STEPS=N keeps one every N steps)")
             raise Diverged(f"training diverged at step {self.divergence.step}: {self.divergence.describe()}. "
                            f"The step was not applied and nothing was saved as final.\n{good}")
-        if self.signals.stopped_at is not None:
+        if self.signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+            # (a signal during the last step: training is complete, so the final folder is still written)
             name = signal.Signals(self.signals.signum).name
             checkpoint = output_dir / f"checkpoint-{self.signals.stopped_at}"
             raise Interrupted(f"{name} at step {self.signals.stopped_at}: saved a resumable checkpoint to {checkpoint}. "
@@ -152,6 +154,7 @@ def check_output_dir(settings: Settings) -> None:
             f"{where} already holds {held}. Continue it with RESUME_FROM_CHECKPOINT=auto, start over with "
             "OVERWRITE_OUTPUT_DIR=true (deletes its checkpoints, replaces its final folder at the end), "
             "or choose another OUTPUT_DIR")
+    process_state().wait_for_everyone()  # every process has looked before anything is deleted
     if is_main():
         say(f"overwrite_output_dir: deleting the earlier run's checkpoints in {out} ({len(checkpoints)})")
         for name in checkpoints + [STAGING_DIR]:

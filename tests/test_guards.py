@@ -213,6 +213,19 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_end_and_prints_the_resume_command
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again after training
 
 
+def test_a_signal_during_the_last_step_still_saves_the_final_folder(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    original = finetune_llm_lora.build_sft_trainer
+    monkeypatch.setattr(finetune_llm_lora, "build_sft_trainer",
+                        lambda *a, **k: original(*a, **{**k, "callbacks": list(k["callbacks"]) + [SignalAt(3, signal.SIGTERM)]}))
+    with one_torch_thread():
+        summary = finetune_llm_lora.main(["--base_model_name", str(tiny), "--output_dir", str(out), "--max_steps", "3",
+                                          "--dataset_path", str(REPO / "data/identity_demo.jsonl"), "--eval_split_size", "0",
+                                          "--per_device_train_batch_size", "4"])
+    assert Path(summary["final_dir"]) == out / "final" and (out / "final" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3"]
+
+
 def test_a_diverged_run_stops_at_the_first_bad_step_and_saves_nothing_as_final(tiny, tmp_path, monkeypatch, capsys):
     """LEARNING_RATE=1e6: step 1 is fine, the weights explode, step 2's gradient norm is nan. Without
     the guard the run went on and saved NaN weights as final/ with exit status 0."""
