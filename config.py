@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -30,7 +31,15 @@ TEMPLATES = ("alpaca", "chatml", "phi3", "llama3", "tokenizer")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 PRECISIONS = ("bf16", "fp16", "no")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SECRET_FIELDS = ("hf_token",)
+# transformers' SchedulerType names that run without lr_scheduler_kwargs (cosine_with_min_lr needs a
+# min_lr, reduce_lr_on_plateau an eval metric, warmup_stable_decay its decay steps).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+# Settings a folder's saved run_settings.json must never switch on: they decide whether code or
+# pickles from disk or the hub get executed, so only the user's own settings for this run may.
+SECURITY_FIELDS = ("trust_remote_code", "allow_pickle_weights")
+# Env-name prefixes only ft-kit uses: an environment variable with one of them that names no
+# setting is a typo (LORA_ALHPA), rejected like an unknown .env line.
+OWN_ENV_PREFIXES = ("LORA_", "BNB_4BIT_", "DPO_", "LLRD_")
 
 
 class ModelSettings(BaseModel):
@@ -45,7 +54,13 @@ class ModelSettings(BaseModel):
     model_cache_dir: str = Field(
         "~/.cache/ft-kit", description="Where converted models (GGUF -> HF folder) are cached."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub repo. Only from your own settings: a saved run_settings.json never turns it on."
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Also load pickle weights (pytorch_model*.bin), which can run code when loaded; "
+        "default: safetensors only. Never read from a saved run_settings.json.",
+    )
     attn_implementation: str = Field(
         "sdpa", description="Attention kernel: sdpa, eager, or flash_attention_2 (GPU only)."
     )
@@ -119,13 +134,25 @@ class TrainingSettings(BaseModel):
     per_device_eval_batch_size: int = Field(8, ge=1, description="Eval batch size per device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
     warmup_steps: float = Field(0.1, ge=0, description="Linear warmup: optimizer steps (>= 1) or a ratio of all steps (< 1).")
-    lr_scheduler_type: str = Field("cosine", description="Scheduler name from transformers: cosine, linear, constant, ...")
+    lr_scheduler_type: str = Field("cosine", description=f"Scheduler: {', '.join(SCHEDULERS)}.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for init, shuffling and the eval split.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N optimizer steps.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = only before and after training.")
     save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps; 0 = only the final model.")
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep at most this many checkpoints (oldest deleted first; the newest complete one "
+        "is always kept); empty = keep all.",
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description="Continue a run: auto (the latest complete checkpoint in output_dir; a fresh start when "
+        "there is none) or a checkpoint folder; empty = start fresh.",
+    )
+    overwrite_output_dir: bool = Field(
+        False, description="Start fresh in an output_dir that holds an earlier run (its checkpoints are deleted, "
+        "its final folder replaced at the end); otherwise such a folder is refused.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     peak_flops: float | None = Field(
         None, gt=0, description="Peak FLOP/s of one device for the MFU in the logs; empty = the GPU's datasheet "
@@ -133,8 +160,8 @@ class TrainingSettings(BaseModel):
     )
     mixed_precision: Literal["bf16", "fp16", "no"] = Field(
         "bf16",
-        description="bf16, fp16 or no. On a CPU run this falls back to no (fp32) with a warning; "
-        "bf16 on a GPU without bf16 support is an error.",
+        description="bf16, fp16 or no. On a CPU run bf16 falls back to no (fp32) with a warning and fp16 is "
+        "an error; bf16 on a GPU without bf16 support is an error.",
     )
 
 
@@ -149,6 +176,18 @@ class TrainingSettings(BaseModel):
         if value == 0:
             raise ValueError("must be -1 (train for num_train_epochs) or >= 1")
         return value
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}")
+        return value
+
+    @field_validator("resume_from_checkpoint", "save_total_limit", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
 class DataSettings(BaseModel):
@@ -291,22 +330,79 @@ class Settings(
     """
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
+        env_file=".env", env_file_encoding="utf-8", case_sensitive=False,
+        extra="forbid",  # an unknown .env line (or keyword) is an error naming it, not silently ignored
         env_ignore_empty=True,  # `KEY=` in a copied .env.example means "the default"
         validate_default=True, hide_input_in_errors=True,
     )
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # pydantic-settings ignores unknown environment variables (the environment holds many that
+        # are not ours); _MisspelledEnv hands over those with an ft-kit prefix, which extra="forbid"
+        # then rejects by name.
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, _MisspelledEnv(settings_cls)
+
     def to_saved_dict(self) -> dict[str, Any]:
-        """Every setting as JSON-ready values, secrets removed (`hf_token` never leaves memory)."""
+        """Every setting as JSON-ready values, secrets (`SECRET_FIELDS`) removed: they never leave memory."""
         return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
 
 
-def resolve_precision(settings: TrainingSettings) -> Literal["bf16", "fp16", "no"]:
+class _MisspelledEnv(PydanticBaseSettingsSource):
+    """Environment variables named like ft-kit settings (`OWN_ENV_PREFIXES`) that name none."""
+
+    def get_field_value(self, field, field_name):  # required by the base class; unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = set(self.settings_cls.model_fields)
+        return {name.lower(): value for name, value in os.environ.items()
+                if name.upper().startswith(OWN_ENV_PREFIXES) and name.lower() not in known and value != ""}
+
+
+#: Settings holding secrets: every `*_token` / `*_key` field. They are `SecretStr` (printed as
+#: '**********'), never saved, never shown as a default; tests/test_config.py checks the types.
+SECRET_FIELDS = tuple(name for name in Settings.model_fields if name.endswith(("_token", "_key")))
+
+
+def format_settings_error(err: ValidationError) -> str:
+    """One line per invalid setting: its flag and env name and what is wrong; an unknown name in
+    `.env` or the environment with the closest setting name, e.g.
+
+        invalid settings (flag / env name):
+          --lora_r / LORA_R: Input should be greater than or equal to 1
+          LORA_RANK (.env): not a setting; did you mean LORA_R?
+    """
+    import difflib
+
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:
+            lines.append(e["msg"])
+            continue
+        name = str(e["loc"][0])
+        if e["type"] == "extra_forbidden":
+            # pydantic-settings reports unknown .env keys; of the environment only _MisspelledEnv's
+            in_env = name.upper().startswith(OWN_ENV_PREFIXES) and any(k.lower() == name for k in os.environ)
+            where = "environment" if in_env else ".env"
+            close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0].upper()}?" if close else "see --help or .env.example for every setting"
+                    if where == "environment" else "a .env line sets an ft-kit setting only (export other variables "
+                    "in the shell); see .env.example for every setting")
+            lines.append(f"{name.upper()} ({where}): not a setting; {hint}")
+        else:
+            lines.append(f"--{name} / {name.upper()}: {e['msg']}")
+    return "invalid settings (flag / env name):\n  " + "\n  ".join(lines)
+
+
+def resolve_precision(settings: TrainingSettings, warn: bool = True) -> Literal["bf16", "fp16", "no"]:
     """The mixed precision a run actually uses, after checking the hardware.
 
-    CPU runs always train in fp32: HF's CPU autocast in bf16 is slower than fp32 on most CPUs and
-    fp16 autocast is not supported there, so `bf16`/`fp16` fall back to `no` with a warning.
-    Raises ValueError for `bf16` on a CUDA device without bf16 support (pre-Ampere): pick fp16.
+    CPU runs train in fp32: `bf16` (the default) falls back to `no` with a warning (`warn=False`:
+    silently, for an early check), since HF's CPU
+    autocast in bf16 is slower than fp32 on most CPUs. Raises ValueError for `fp16` without a CUDA
+    GPU (CPU autocast has no fp16: someone who asked for it expects a GPU), and for `bf16` on a
+    CUDA device without bf16 support (pre-Ampere): pick fp16 there.
     """
     import logging
 
@@ -316,9 +412,13 @@ def resolve_precision(settings: TrainingSettings) -> Literal["bf16", "fp16", "no
     if wanted == "no":
         return "no"
     if not torch.cuda.is_available():
-        logging.getLogger(__name__).warning(
-            "mixed_precision=%s needs a GPU; this CPU run trains in fp32 (mixed_precision=no).", wanted
-        )
+        if wanted == "fp16":
+            raise ValueError("mixed_precision=fp16 needs a CUDA GPU and none is visible; on a CPU set "
+                             "MIXED_PRECISION=no (fp32; bf16 falls back to it with a warning)")
+        if warn:
+            logging.getLogger(__name__).warning(
+                "mixed_precision=%s needs a GPU; this CPU run trains in fp32 (mixed_precision=no).", wanted
+            )
         return "no"
     if wanted == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError("mixed_precision=bf16: this GPU has no bf16 support; set MIXED_PRECISION=fp16 or no")
@@ -378,13 +478,12 @@ def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None 
             every setting with its description, default and env name, then exits.
         env_file: the dotenv file to read (relative to the working directory); None reads none.
     Raises:
-        pydantic.ValidationError listing every invalid setting at once. When reading `sys.argv`
-        (a script's command line) it exits instead, with status 2 and one line per invalid
-        setting naming its flag and env name, like argparse does for a bad flag.
+        pydantic.ValidationError listing every invalid setting at once, an unknown name in the
+        `env_file` or an environment variable with an ft-kit prefix (`OWN_ENV_PREFIXES`) among
+        them. When reading `sys.argv` (a script's command line) it exits instead, with status 2
+        and `format_settings_error`'s lines, like argparse does for a bad flag.
     """
     import sys
-
-    from pydantic import ValidationError
 
     parser = build_parser()
     flags = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
@@ -393,8 +492,7 @@ def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None 
     except ValidationError as err:
         if argv is not None:
             raise
-        lines = [f"--{e['loc'][0]} / {str(e['loc'][0]).upper()}: {e['msg']}" for e in err.errors() if e["loc"]]
-        parser.exit(2, "invalid settings (flag / env name):\n  " + "\n  ".join(lines) + "\n")
+        parser.exit(2, format_settings_error(err) + "\n")
 
 
 def save_settings(settings: Settings, path: str | Path) -> Path:

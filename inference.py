@@ -17,7 +17,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from config import Settings
-from data.examples import encode_prompt
+from data.examples import encode_prompt, template_bos_length
 from data.templates import stop_token_ids
 
 
@@ -61,6 +61,15 @@ def generate_ids(
     return [_cut_at_stop(row[width:].tolist(), stop_ids) for row in out]
 
 
+def fit_prompt(ids: list[int], keep: int, head: int = 0) -> list[int]:
+    """The prompt cut from the left to `keep` tokens, as training truncates a prompt
+    (`truncate_prompt`): its first `head` ids (a BOS the template wrote) stay when keep > head."""
+    if len(ids) <= keep:
+        return ids
+    head = min(head, keep - 1)
+    return ids[:head] + ids[len(ids) - (keep - head):]
+
+
 def _cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     stops = set(stop_ids)
     return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
@@ -75,6 +84,7 @@ def generate_replies(
     batch_size: int = 8,
     stop_ids: list[int] | None = None,
     tools: list[dict] | None = None,
+    max_length: int | None = None,
 ) -> list[str]:
     """Greedy replies to each conversation (its last turn must be the user's, or a tool result).
 
@@ -82,7 +92,10 @@ def generate_replies(
     never a second one; `tools`, the tool list every conversation is offered, written as in
     training) and generated in batches by `generate_ids`, stopping at any of the template's stop
     ids (eos plus the turn-end token) plus `stop_ids`. A reply that calls a tool holds the call as
-    the template writes it (`data.tools.parse_tool_calls` reads it back).
+    the template writes it (`data.tools.parse_tool_calls` reads it back). With `max_length` (e.g.
+    the run's max_seq_length), prompt + reply fit in it as training rows do: a longer prompt keeps
+    its last `max_length - max_new_tokens` tokens (`fit_prompt`), so one huge record cannot make
+    `generate` allocate attention for tens of thousands of tokens.
 
     Returns the decoded new text of each conversation, special tokens removed, stripped.
     """
@@ -91,6 +104,9 @@ def generate_replies(
     replies = []
     for start in range(0, len(conversations), batch_size):
         encoded = [encode_prompt(c, template, tokenizer, tools) for c in conversations[start:start + batch_size]]
+        if max_length is not None:
+            keep = max(1, max_length - max_new_tokens)
+            encoded = [fit_prompt(ids, keep, template_bos_length(ids, template, tokenizer)) for ids in encoded]
         for ids in generate_ids(model, encoded, stops, pad_id, max_new_tokens):
             replies.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return replies

@@ -80,6 +80,11 @@ _HUB_ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt
 _HUB_IGNORE = ["*/*"]
 
 
+class ModelLoadError(OSError):
+    """A model file or folder that exists but cannot be loaded (a corrupt .gguf or safetensors file,
+    weights that do not fit the config); the message names the path and the underlying error."""
+
+
 class ModelNotFoundError(OSError):
     """No usable model for ``base_model_name``.
 
@@ -151,18 +156,23 @@ def _hub_offline() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    patterns = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+def _weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    patterns = ("*.safetensors", "model.safetensors.index.json") + (("pytorch_model*.bin",) if allow_pickle else ())
     return [p for pattern in patterns for p in folder.glob(pattern)]
 
 
-def _missing_model_files(folder: Path) -> list[str]:
-    """What a folder lacks to be loadable as a causal LM (empty list: looks fine)."""
+def _missing_model_files(folder: Path, allow_pickle: bool = False) -> list[str]:
+    """What a folder lacks to be loadable as a causal LM (empty list: looks fine). Pickle weights
+    (``pytorch_model*.bin``) count only with ``allow_pickle``: unpickling can run code."""
     missing = []
     if not (folder / "config.json").is_file():
         missing.append("config.json")
-    if not _weight_files(folder):
-        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not _weight_files(folder, allow_pickle):
+        if _weight_files(folder, allow_pickle=True):
+            missing.append("safetensors weights (it has only pickle weights, pytorch_model*.bin, which can run code "
+                           "when loaded: convert them to safetensors, or set ALLOW_PICKLE_WEIGHTS=true if you trust them)")
+        else:
+            missing.append("weights (*.safetensors)")
     return missing
 
 
@@ -380,12 +390,26 @@ def _gguf_cache_folder(gguf_path: Path, cache_root: Path) -> Path:
     return cache_root / f"gguf-{stem}-{key}"
 
 
+def _check_gguf_readable(gguf_path: Path) -> None:
+    """Parse the GGUF header and tensor table (memory-mapped, no weights read); raise ModelLoadError
+    for a file that is not one or is cut short. The reader fails in many ways (ValueError,
+    struct.error, mmap errors, ...), all meaning the same to the user."""
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                             "download or convert it again") from None
+
+
 def _resolve_local_gguf(gguf_path: Path, cache_root: Path) -> str:
     gguf_path = gguf_path.resolve()
     final = _gguf_cache_folder(gguf_path, cache_root)
     if _is_complete_build(final):
         logger.info("Using %s, converted earlier from %s", final, gguf_path)
     else:
+        _check_gguf_readable(gguf_path)
         logger.info("Converting %s into a Hugging Face folder at %s", gguf_path, final)
         _build_atomically(final, lambda tmp: dequantize_gguf(gguf_path, tmp))
     quant = json.loads((final / MARKER_FILE).read_text()).get("quantization", "unknown")
@@ -404,16 +428,16 @@ def _resolve_local_gguf(gguf_path: Path, cache_root: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _hub_patterns(siblings: list[str] | None, trust_remote_code: bool) -> list[str]:
+def _hub_patterns(siblings: list[str] | None, trust_remote_code: bool, allow_pickle: bool = False) -> list[str]:
     allow = list(_HUB_ALLOW)
-    if siblings is not None and not any(s.endswith(".safetensors") for s in siblings):
-        allow.append("*.bin")  # an older repo with PyTorch pickles only
+    if allow_pickle and siblings is not None and not any(s.endswith(".safetensors") for s in siblings):
+        allow.append("*.bin")  # an older repo with PyTorch pickles only, and the user allows pickles
     if trust_remote_code:
         allow.append("*.py")
     return allow
 
 
-def _hub_cached(repo_id: str, token: str | None, trust_remote_code: bool) -> str:
+def _hub_cached(repo_id: str, token: str | None, trust_remote_code: bool, allow_pickle: bool = False) -> str:
     """The repo's folder in the local HF cache (no network). Raises if absent or incomplete."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -422,19 +446,19 @@ def _hub_cached(repo_id: str, token: str | None, trust_remote_code: bool) -> str
         path = snapshot_download(
             repo_id,
             local_files_only=True,
-            allow_patterns=_hub_patterns(None, trust_remote_code),
+            allow_patterns=_hub_patterns(None, trust_remote_code, allow_pickle),
             ignore_patterns=_HUB_IGNORE,
             token=token,
         )
     except LocalEntryNotFoundError:
         raise FileNotFoundError(f"not in the local cache {constants.HF_HUB_CACHE}") from None
-    missing = _missing_model_files(Path(path))
+    missing = _missing_model_files(Path(path), allow_pickle)
     if missing:
         raise FileNotFoundError(f"the cached snapshot {path} lacks {', '.join(missing)}")
     return path
 
 
-def _hub_download(repo_id: str, token: str | None, trust_remote_code: bool) -> str:
+def _hub_download(repo_id: str, token: str | None, trust_remote_code: bool, allow_pickle: bool = False) -> str:
     """Download the files a causal LM needs. The first request is bounded by ``HUB_TIMEOUT_S``."""
     from huggingface_hub import HfApi, snapshot_download
 
@@ -443,12 +467,12 @@ def _hub_download(repo_id: str, token: str | None, trust_remote_code: bool) -> s
     path = snapshot_download(
         repo_id,
         revision=info.sha,
-        allow_patterns=_hub_patterns(siblings, trust_remote_code),
+        allow_patterns=_hub_patterns(siblings, trust_remote_code, allow_pickle),
         ignore_patterns=_HUB_IGNORE,
         token=token,
         etag_timeout=HUB_TIMEOUT_S,
     )
-    missing = _missing_model_files(Path(path))
+    missing = _missing_model_files(Path(path), allow_pickle)
     if missing:
         raise FileNotFoundError(f"the repo has no {', '.join(missing)} at its top level")
     return path
@@ -572,20 +596,24 @@ def resolve_model_path(settings) -> str:
         See the module docstring for the order.
 
     Raises:
-        ModelNotFoundError: nothing worked; the message lists every step and why it failed.
+        ModelNotFoundError: nothing worked; the message lists every step and why it failed. A
+            folder with pickle weights only counts as one without weights unless
+            ``allow_pickle_weights``; a LoRA adapter folder is named as such.
+        ModelLoadError: a .gguf file that is not readable (bad header, cut short).
         RuntimeError: a GGUF conversion failed its own checks.
-        ValueError / OSError: from transformers, for a GGUF file it cannot read.
+        ValueError / OSError: from transformers, for a GGUF file it cannot convert.
     """
     name = str(getattr(settings, "base_model_name", None) or DEFAULT_MODEL_ID).strip()
     token = _token(settings)
     cache_root = _cache_root(settings)
     trust_remote_code = bool(getattr(settings, "trust_remote_code", False))
+    allow_pickle = bool(getattr(settings, "allow_pickle_weights", False))
     steps: list[tuple[str, str]] = []
 
     # 1-2. Local folder or GGUF file.
     local = Path(os.path.expanduser(name))
     if local.is_dir():
-        missing = _missing_model_files(local)
+        missing = _missing_model_files(local, allow_pickle)
         if not missing:
             logger.info("Using the local model folder %s", local)
             return str(local)
@@ -593,6 +621,9 @@ def resolve_model_path(settings) -> str:
         if not (local / "config.json").is_file() and len(ggufs) == 1:
             return _resolve_local_gguf(ggufs[0], cache_root)
         extra = f" ({len(ggufs)} .gguf files: name one)" if len(ggufs) > 1 else ""
+        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+            extra += ("; it is a LoRA adapter folder, not a model: pass it as --adapter_dir (chat, merge) or "
+                      "--sft_adapter_dir (DPO), with its base model as base_model_name")
         steps.append(("local folder", f"{local} exists but lacks {', '.join(missing)}{extra}"))
         raise ModelNotFoundError(name, steps)
     if local.is_file():
@@ -610,7 +641,7 @@ def resolve_model_path(settings) -> str:
 
     # 3a. The local Hugging Face cache (no network).
     try:
-        path = _hub_cached(name, token, trust_remote_code)
+        path = _hub_cached(name, token, trust_remote_code, allow_pickle)
         logger.info("Using %s from the local Hugging Face cache: %s", name, path)
         return path
     except Exception as exc:  # noqa: BLE001 - every failure is reported in the error
@@ -631,7 +662,7 @@ def resolve_model_path(settings) -> str:
     else:
         started = time.monotonic()
         try:
-            path = _hub_download(name, token, trust_remote_code)
+            path = _hub_download(name, token, trust_remote_code, allow_pickle)
             logger.info("Using %s from the Hugging Face Hub: %s", name, path)
             return path
         except Exception as exc:  # noqa: BLE001
@@ -711,6 +742,7 @@ def load_model(
             ``hf_token`` (plus what ``resolve_model_path`` reads when ``path`` is None).
         path: an already resolved folder; pass it to avoid resolving twice.
         dtype: a ``torch.dtype`` or its name; None means "auto" (the checkpoint's own dtype).
+            Weights load from safetensors only, unless ``settings.allow_pickle_weights``.
         quantization_config: e.g. a ``BitsAndBytesConfig``; None loads unquantized.
         device_map: passed through when not None (e.g. "auto").
 
@@ -720,7 +752,8 @@ def load_model(
 
     Raises:
         ModelNotFoundError: from ``resolve_model_path`` when ``path`` is None.
-        OSError / ValueError: from transformers.
+        ModelLoadError: transformers cannot load the folder (corrupt or missing safetensors, pickle
+            weights only, weights that do not fit the config); the message names the folder.
     """
     from transformers import AutoModelForCausalLM
 
@@ -736,7 +769,14 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not getattr(settings, "allow_pickle_weights", False):
+        kwargs["use_safetensors"] = True  # transformers then never unpickles a pytorch_model.bin
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ModelLoadError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and gen.eos_token_id is not None:
         eos = gen.eos_token_id

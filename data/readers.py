@@ -11,6 +11,7 @@ A malformed record raises DatasetError naming the file, the record index and the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -129,9 +130,9 @@ def read_record(
     user turn; the assistant answers a user turn or tool results; tool results follow an assistant
     turn with tool calls (or another result) and are followed by an assistant turn; two
     consecutive user or assistant turns (after `role_map`) are rejected, never merged or dropped:
-    merge them in the data. At least one assistant turn; a trailing user turn is kept (it is
-    rendered as prompt and never supervised). Every turn of the record becomes one message; roles
-    come from the role field, never from positions.
+    merge them in the data. At least one assistant turn, and the last turn is the assistant's (a
+    trailing user or tool turn is answered by nothing: a record cut short). Every turn of the
+    record becomes one message; roles come from the role field, never from positions.
 
     Raises:
         DatasetError: missing field, wrong type, unknown roles not in `role_map` (all of the record's
@@ -373,6 +374,10 @@ def _check_turn_order(messages: list[dict], field_pattern: str, offset: int = 0)
         previous = role
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError("no assistant turn, nothing to train on", field=field_pattern.split("[")[0])
+    if messages[-1]["role"] != "assistant":
+        raise DatasetError(f"the conversation ends with a {messages[-1]['role']!r} turn that nothing answers (a record "
+                           "cut short?): end it with the assistant's answer, or remove that turn",
+                           field=field_pattern.format(len(messages) - 1 - offset))
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,13 +394,17 @@ def load_records(path: str | Path) -> list[dict]:
     Anything else is a hub name, loaded with `datasets.load_dataset(name, split="train")`.
 
     Raises:
-        DatasetError: unsupported suffix; invalid JSON (with file and line number); a path that is
-            neither a local file nor loadable from the hub (offline, unknown name).
+        DatasetError: unsupported suffix; invalid JSON (with file and line number); text that is
+            not UTF-8 (with line and column); a file without records; a path that is neither a
+            local file nor loadable from the hub (offline, unknown name).
     """
     path_str = str(path)
     local = Path(path_str).expanduser()
     if local.is_file():
-        return _read_local_file(local)
+        records = _read_local_file(local)
+        if not records:
+            raise DatasetError("the file holds no records", source=str(local))
+        return records
     if local.is_dir():
         return _load_with_datasets(path_str)
     if path_str.startswith(("/", ".", "~")):
@@ -418,14 +427,25 @@ def _read_local_file(path: Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     raise DatasetError(f"unsupported file type {suffix!r}; expected one of {LOCAL_SUFFIXES}", source=str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; DatasetError naming the line and column of the first byte that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetError(f"not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line}, column {column} ({err.reason}); "
+                           "save the file as UTF-8", source=str(path)) from None
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", source=str(path)
@@ -439,14 +459,13 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"invalid JSON on line {line_number}: {err.msg}", source=str(path)) from None
+    for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"invalid JSON on line {line_number}: {err.msg}", source=str(path)) from None
     return records
 
 

@@ -42,6 +42,7 @@ from data.readers import read_tools  # noqa: E402
 from data.tools import parse_tool_calls  # noqa: E402
 from inference import generate_replies, generation_stop_ids, load_adapter_model, stream_reply  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from runs import cli  # noqa: E402
 from techniques.lora import adapter_settings  # noqa: E402
 
 
@@ -163,4 +164,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

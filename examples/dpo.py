@@ -30,7 +30,7 @@ from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings  # noqa: E402
 from models import load_tokenizer  # noqa: E402
-from runs import measure, outputs, processes  # noqa: E402
+from runs import cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.dpo import (  # noqa: E402
     build_dpo_trainer,
     build_preference_dataset,
@@ -45,6 +45,7 @@ from techniques.lora import count_parameters  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     settings = get_settings(argv)
     processes.setup_logging()
+    guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
     start = time.perf_counter()
 
@@ -64,14 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
     show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", {**m, **held_out_before}))
     trainer = build_dpo_trainer(policy, tokenizer, splits["train"], eval_split, settings,
                                 eval_on_start=eval_split is not None,
-                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl"),
+                                           *guard.callbacks])
     print_run_summary(settings, policy, trainer, splits)
     if eval_split is None:
         print_measurement("before training", {})
 
-    # 4. Train, then the same numbers after.
+    # 4. Train (a signal or a diverged step stops it: raised here, before anything is saved as
+    #    final), then the same numbers after.
     train_start = time.perf_counter()
-    train_loss = trainer.train().training_loss
+    train_loss = trainer.train(resume_from_checkpoint=guard.resume_from).training_loss
+    guard.raise_if_stopped(trainer)
     train_seconds = time.perf_counter() - train_start
     after = {**(trainer.evaluate() if eval_split is not None else {}),
              **held_out_preference(policy, eval_split, tokenizer, settings, trainer)}
@@ -153,4 +157,4 @@ def print_measurement(title: str, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -28,7 +28,7 @@ from transformers import set_seed  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
-from runs import measure, outputs, processes  # noqa: E402
+from runs import cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.lora import apply_lora, count_parameters  # noqa: E402
 from techniques.qlora import apply_qlora, load_4bit_model  # noqa: E402
 from techniques.sft import build_sft_trainer, perplexity  # noqa: E402
@@ -39,6 +39,7 @@ N_HELD_OUT_PROMPTS = 4
 def main(argv: list[str] | None = None) -> dict:
     settings = get_settings(argv)
     processes.setup_logging()
+    guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
     start = time.perf_counter()
 
@@ -59,20 +60,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Numbers before training: answers now (main process), eval loss as train() starts
     #    (eval_on_start: after the trainer has wrapped the model for DDP/FSDP).
-    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
+    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template,
+                                              max_length=settings.max_seq_length)
     show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
     trainer = build_sft_trainer(model, tokenizer, datasets, settings, eval_on_start="eval" in datasets,
-                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl"),
+                                           *guard.callbacks])
     print_run_summary(settings, model, trainer, datasets)
     if "eval" not in datasets:
         print_measurement("before training", {}, answers_before, held_out)
 
-    # 5. Train, then the same numbers after.
+    # 5. Train (a signal or a diverged step stops it: raised here, before anything is saved as
+    #    final), then the same numbers after.
     train_start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=guard.resume_from)
+    guard.raise_if_stopped(trainer)
     train_seconds = time.perf_counter() - train_start
     metrics_after = trainer.evaluate() if "eval" in datasets else {}
-    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
+    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer,
+                                             max_length=settings.max_seq_length)
     print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save adapter + tokenizer (chat template = the training template) + generation config
@@ -120,4 +126,4 @@ def print_measurement(title: str, metrics: dict, answers: list[str] | str, held_
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -37,7 +37,7 @@ from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
-from runs import measure, outputs, processes  # noqa: E402
+from runs import cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402
 from techniques.lora import count_parameters  # noqa: E402
 from techniques.sft import build_sft_trainer  # noqa: E402
@@ -51,6 +51,7 @@ FULL_FT_LEARNING_RATE = 5e-5
 def main(argv: list[str] | None = None) -> dict:
     settings = full_ft_settings(get_settings(argv))
     processes.setup_logging()
+    guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
     start = time.perf_counter()
 
@@ -70,23 +71,28 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Trainer; it builds its optimizer from our LLRD groups (freezing applied) through the
     #    factory, which works under DDP, FSDP2 and ZeRO. Numbers before training: answers now,
     #    eval loss as train() starts (eval_on_start).
-    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template)
+    answers_before = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template,
+                                              max_length=settings.max_seq_length)
     show_before = measure.OnFirstEvaluate(lambda m: print_measurement("before training", m, answers_before, held_out))
     trainer = build_sft_trainer(model, tokenizer, datasets, settings, eval_on_start="eval" in datasets,
                                 optimizer_factory=lambda m: build_optimizer(m, settings),
-                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl")])
+                                callbacks=[show_before, outputs.MetricsLog(Path(settings.output_dir) / "metrics.jsonl"),
+                                           *guard.callbacks])
     optimizer = trainer.create_optimizer()
     print_run_summary(settings, model, trainer, datasets)
     processes.say(format_group_table(optimizer.param_groups))
     if "eval" not in datasets:
         print_measurement("before training", {}, answers_before, held_out)
 
-    # 5. Train, then the same numbers after.
+    # 5. Train (a signal or a diverged step stops it: raised here, before anything is saved as
+    #    final), then the same numbers after.
     train_start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=guard.resume_from)
+    guard.raise_if_stopped(trainer)
     train_seconds = time.perf_counter() - train_start
     metrics_after = trainer.evaluate() if "eval" in datasets else {}
-    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer)
+    answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer,
+                                             max_length=settings.max_seq_length)
     print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
@@ -130,4 +136,4 @@ def print_run_summary(settings: Settings, model, trainer, datasets) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

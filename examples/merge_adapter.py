@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from inference import load_adapter_model  # noqa: E402
 from models import load_tokenizer, resolve_model_path  # noqa: E402
+from runs import cli  # noqa: E402
 from techniques.lora import adapter_settings, merge_and_save_lora  # noqa: E402
 from techniques.qlora import merge_and_save_qlora  # noqa: E402
 
@@ -39,8 +40,10 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.output_dir.exists() and any(args.output_dir.iterdir()):  # fail before loading anything
-        raise SystemExit(f"{args.output_dir} exists and is not empty; choose a new --output_dir")
+    if args.output_dir.exists() and not args.output_dir.is_dir():  # fail before loading anything
+        raise NotADirectoryError(f"--output_dir {args.output_dir} is a file; choose a new folder")
+    if args.output_dir.exists() and any(args.output_dir.iterdir()):
+        raise FileExistsError(f"--output_dir {args.output_dir} exists and is not empty; choose a new folder")
 
     # 1. What the adapter was trained with: base model, template, 4-bit or not.
     settings = adapter_settings(args.adapter_dir, base_model_name=args.base_model_name)
@@ -77,4 +80,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

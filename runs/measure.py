@@ -25,12 +25,14 @@ def question(messages: list[dict]) -> str:
 
 
 def held_out_answers(model, tokenizer, held_out: list[tuple[list[dict], list[dict] | None]], template: str,
-                     trainer=None) -> list[str] | str:
+                     trainer=None, max_length: int | None = None) -> list[str] | str:
     """Greedy answers to `held_out` (from `held_out_prompts`; each prompt offered its own tools),
     generated on the main process alone (the others get []).
 
     Pass the `trainer` after training: when it has sharded the weights (FSDP, ZeRO-3) no single
-    process holds the model, and the reason is returned instead of answers.
+    process holds the model, and the reason is returned instead of answers. Pass the run's
+    max_seq_length as `max_length`: prompts longer than training rows are cut as they are
+    (`inference.generate_replies`).
     """
     reason = sharded_weights(trainer) if trainer is not None else None
     if reason:
@@ -43,7 +45,7 @@ def held_out_answers(model, tokenizer, held_out: list[tuple[list[dict], list[dic
         while end < len(held_out) and held_out[end][1] == held_out[start][1]:
             end += 1
         prompts = [messages for messages, _ in held_out[start:end]]
-        answers += generate_replies(model, tokenizer, prompts, template, tools=held_out[start][1])
+        answers += generate_replies(model, tokenizer, prompts, template, tools=held_out[start][1], max_length=max_length)
         start = end
     return answers
 
@@ -55,12 +57,13 @@ def first_eval(trainer) -> dict:
 
 class OnFirstEvaluate(TrainerCallback):
     """Calls `report(metrics)` once, with the metrics of the evaluation that `eval_on_start=True`
-    runs inside `train()` before the first step (the "before training" figures)."""
+    runs inside `train()` before the first step (the "before training" figures; when resuming,
+    those at the checkpoint's step)."""
 
     def __init__(self, report: Callable[[dict], None]):
         self.report, self.done = report, False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not self.done and state.global_step == 0:
+        if not self.done:
             self.done = True
             self.report(dict(metrics or {}))

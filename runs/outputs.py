@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from config import Settings, save_settings
 from data.chat_templates import chat_template_for
 from data.templates import stop_token_ids
 from runs.processes import is_main
+from techniques.checkpoints import replace_dir
 
 
 class MetricsLog(TrainerCallback):
@@ -25,7 +25,13 @@ class MetricsLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            # A resumed run (state loaded at step N > 0) keeps the lines its checkpoint covers;
+            # lines an interrupted run logged after its last checkpoint are logged again.
+            kept = [line for line in self._lines() if json.loads(line)["step"] <= state.global_step] if state.global_step else []
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def _lines(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.is_file() else []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -56,7 +62,7 @@ def save_final(trainer, tokenizer, settings: Settings, final_dir: str | Path) ->
         shutil.rmtree(partial / "ref", ignore_errors=True)  # TRL's frozen copy of a re-trained adapter
         save_generation_config(tokenizer, settings, partial)
         save_settings(settings, partial / "run_settings.json")
-        _replace_dir(partial, final_dir)
+        replace_dir(partial, final_dir)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
@@ -65,13 +71,3 @@ def save_generation_config(tokenizer, settings: Settings, folder: str | Path) ->
     """A generation config that stops on every stop id of the template (eos + turn end)."""
     GenerationConfig(eos_token_id=stop_token_ids(settings.prompt_template, tokenizer),
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an older `target` (renamed away first, then removed)."""
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

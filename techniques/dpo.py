@@ -72,7 +72,8 @@ from data.errors import DatasetError
 from data.examples import encode_prompt_completion, template_bos_length
 from data.readers import load_records, split_records, to_messages
 from models import load_model
-from techniques.lora import apply_lora
+from techniques.checkpoints import AtomicCheckpointsMixin
+from techniques.lora import apply_lora, check_adapter_fits
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
 from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, trainer_arguments
@@ -206,17 +207,27 @@ def _transcript_turns(value: Any, field: str) -> list[dict]:
 def load_preference_pairs(path: str, system_prompt: str | None = None) -> list[tuple[list[dict], str, str]]:
     """`to_preference` of every record in `path` (see `data.readers.load_records` for file types);
     `system_prompt` is prepended to prompts without a system turn. Every record is checked before
-    raising: one DatasetError names each malformed record (the first 10) and keeps all in `problems`."""
-    pairs, problems = [], []
+    raising: one DatasetError names each malformed record (the first 10) and keeps all in `problems`.
+    A pair whose chosen and rejected answers are the same text is malformed too: its DPO gradient is
+    zero (the log-ratios cancel), so it teaches nothing and usually means a data bug; they are
+    counted and named in one error."""
+    pairs, problems, same = [], [], []
     for index, record in enumerate(load_records(path)):
         try:
             prompt, chosen, rejected = to_preference(record, source=str(path), index=index)
         except DatasetError as err:
             problems.append(err)
             continue
+        if chosen == rejected:
+            same.append(index)
+            continue
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}] + prompt
         pairs.append((prompt, chosen, rejected))
+    if same:
+        shown = ", ".join(map(str, same[:10])) + (f", ... ({len(same) - 10} more)" if len(same) > 10 else "")
+        problems.append(DatasetError(f"{len(same)} of the pairs have chosen == rejected (records {shown}): such a pair "
+                                     "teaches nothing; fix or remove them", source=str(path), field="rejected"))
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -332,6 +343,7 @@ def load_policy(settings: Settings, model_path: str | None = None) -> PreTrained
             base, use_gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     # Trainable "default" adapter = the SFT adapter; DPOTrainer adds a frozen copy named "ref".
+    check_adapter_fits(base, settings.sft_adapter_dir)
     return PeftModel.from_pretrained(base, settings.sft_adapter_dir, is_trainable=True)
 
 
@@ -377,9 +389,10 @@ def dpo_config(settings: Settings, **overrides) -> DPOConfig:
     return DPOConfig(**args)
 
 
-class PreTokenizedDPOTrainer(ThroughputMixin, ExactEvalMixin, DPOTrainer):
+class PreTokenizedDPOTrainer(AtomicCheckpointsMixin, ThroughputMixin, ExactEvalMixin, DPOTrainer):
     """`DPOTrainer` over rows that already hold prompt_ids / chosen_ids / rejected_ids, with eval
-    metrics weighted by pairs and DDP-safe training (`techniques.training.ExactEvalMixin`).
+    metrics weighted by pairs, DDP-safe training (`techniques.training.ExactEvalMixin`) and
+    checkpoints written whole (`techniques.checkpoints`).
 
     TRL 1.16 always re-tokenizes `prompt + chosen` in one piece and splits where it stops agreeing
     with the tokenized prompt, which moves the boundary when tokens merge across it ("A: " + "46");

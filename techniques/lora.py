@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from config import LoraSettings, Settings
+from config import SECRET_FIELDS, SECURITY_FIELDS, LoraSettings, Settings
 from data.templates import stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -231,14 +231,28 @@ def adapter_settings(adapter_dir: str | Path, **overrides) -> Settings:
 
     An adapter without `run_settings.json` (trained elsewhere) gets the defaults with
     `base_model_name` from its `adapter_config.json`. `overrides` win (e.g. base_model_name=...).
+
+    A folder is data, not a decision of the user's: its saved security switches
+    (`config.SECURITY_FIELDS`: trust_remote_code, allow_pickle_weights) and secrets are never read
+    back; they come from the environment of this run (TRUST_REMOTE_CODE=true), as do settings a
+    newer or older version saved that this one does not know (logged, not an error).
+
+    Raises FileNotFoundError when the folder holds neither run_settings.json nor adapter_config.json.
     """
     adapter_dir = Path(adapter_dir)
     saved_file = adapter_dir / "run_settings.json"
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text())
-    else:
+    elif (adapter_dir / "adapter_config.json").is_file():
         saved = {"base_model_name": _read_json(adapter_dir / "adapter_config.json")["base_model_name_or_path"]}
-    return Settings(_env_file=None, **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    else:
+        raise FileNotFoundError(f"{adapter_dir} holds neither run_settings.json nor adapter_config.json: "
+                                "not an adapter folder from training")
+    ignored = sorted(set(saved) - set(Settings.model_fields))
+    if ignored:
+        log.info("%s: ignoring saved settings this version does not know: %s", saved_file, ", ".join(ignored))
+    kept = {k: v for k, v in saved.items() if k in Settings.model_fields and k not in SECURITY_FIELDS + SECRET_FIELDS}
+    return Settings(_env_file=None, **{**kept, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def load_lora(base: PreTrainedModel, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
@@ -250,16 +264,55 @@ def load_lora(base: PreTrainedModel, adapter_dir: str | Path, is_trainable: bool
     The stop ids of the folder's `generation_config.json` join the base's generation config, so
     `generate` and a later merge stop on every one of them.
 
-    Raises FileNotFoundError when `adapter_dir` has no `adapter_config.json`.
+    Raises FileNotFoundError when `adapter_dir` has no `adapter_config.json`, and AdapterMismatchError
+    when its weights do not fit `base` (`check_adapter_fits`).
     """
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a PEFT adapter folder")
+    check_adapter_fits(base, adapter_dir)
     _prepare_base_for_adapter(base, adapter_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     gen = base.generation_config
     gen.eos_token_id = _unique(_adapter_stop_ids(adapter_dir) + _as_list(gen.eos_token_id))
     return model
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter folder trained for another base model than the one it is attached to."""
+
+
+def check_adapter_fits(base: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """Raise AdapterMismatchError unless every LoRA matrix of the folder fits a module of `base`.
+
+    Reads only the shapes in `adapter_model.safetensors` (no weights): `lora_A` of module m must be
+    [r, m.in_features] and `lora_B` [m.out_features, r], and m must exist. PEFT itself would stop
+    with a bare size-mismatch RuntimeError; this message names the module, both shapes and the
+    base the adapter records. Same-shaped bases (another fine-tune of one architecture) cannot be
+    told apart by shapes and pass. Raises FileNotFoundError without `adapter_config.json`.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a PEFT adapter folder")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # an older pickle adapter: PEFT checks what it can
+    trained_on = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    names = dict(base.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+                if not key.endswith(part):
+                    continue
+                module_name = key.removeprefix("base_model.model.").removesuffix(part)
+                module = names.get(module_name)
+                shape = f.get_slice(key).get_shape()
+                wanted = None if module is None else getattr(module, "in_features" if dim else "out_features", None)
+                if module is None or (wanted is not None and shape[dim] != wanted):
+                    has = "has no such module" if module is None else f"has {wanted} {'in' if dim else 'out'} features there"
+                    raise AdapterMismatchError(
+                        f"the adapter in {adapter_dir} was trained for another base model ({trained_on}): its "
+                        f"{module_name} takes {shape[dim]} {'in' if dim else 'out'} features, but the base "
+                        f"{getattr(base.config, 'name_or_path', '') or type(base).__name__} {has}. Pass the base "
+                        "it was trained on (base_model_name / --base_model_name)")
 
 
 def _adapter_stop_ids(adapter_dir: Path) -> list[int]:

