@@ -1,5 +1,6 @@
 # Two commands for a newcomer (README "Quick start"):
 #   make demo   installs into .venv on first use, then runs the LoRA example on the default model
+#               (replacing an earlier demo's ft-outputs/; the scripts themselves refuse to)
 #   make test   installs into .venv on first use, then runs every test (CI runs exactly this)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -19,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: install
-	$(PY) examples/finetune_llm_lora.py
+	$(PY) examples/finetune_llm_lora.py --overwrite_output_dir true   # a demo may run again into ft-outputs/
 
 test: install
 	$(PY) -m pytest -q

@@ -1,13 +1,20 @@
-"""One settings object for every run: defaults < `.env` < environment < command-line flags.
+"""One settings object for every run: defaults < recipe YAML < `.env` < environment < command-line flags.
 
 Every field's env name is the field name upper-cased (`LORA_R`), its flag is the field name
-(`--lora_r 32`, also `--lora-r 32`). The `description=` of each field is the single source of
-truth for `--help`, for `.env.example` (a test keeps them in sync) and for the run config saved
-beside the model.
+(`--lora_r 32`, also `--lora-r 32`), its recipe key is the field name (`lora_r: 32`). The
+`description=` of each field is the single source of truth for `--help`, for `.env.example` (a
+test keeps them in sync) and for the run config saved beside the model.
 
     from config import get_settings
     settings = get_settings()                       # .env + environment + sys.argv
     settings = get_settings(["--max_steps", "10"])  # explicit flags, e.g. in a notebook
+    settings = get_settings(["--config", "recipes/cpu_demo.yaml", "--max_steps", "10"])  # a recipe, one flag over it
+
+A recipe (`--config recipe.yaml`, see recipes/) is a flat YAML mapping of field names to values,
+read through pydantic-settings' YAML source: it replaces the defaults and is itself overridden by
+`.env`, the environment and flags, in that order. A key that is not a setting is an error naming
+it (a typo would otherwise silently train with the default); so is `hf_token` (a recipe is meant
+to be shared: keep the token in the environment or `.env`).
 
 Fields are grouped by what reads them (`ModelSettings`, `LoraSettings`, ...). `Settings` is flat
 (so env names stay short and unprefixed) and inherits every group, so a technique function that
@@ -17,13 +24,17 @@ takes `LoraSettings` accepts the whole `Settings` too.
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
 import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
+import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,6 +51,8 @@ SECURITY_FIELDS = ("trust_remote_code", "allow_pickle_weights")
 # Env-name prefixes only ft-kit uses: an environment variable with one of them that names no
 # setting is a typo (LORA_ALHPA), rejected like an unknown .env line.
 OWN_ENV_PREFIXES = ("LORA_", "BNB_4BIT_", "DPO_", "LLRD_")
+# REPORT_TO name -> the package its transformers callback needs (pip install <package>).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 class ModelSettings(BaseModel):
@@ -163,7 +176,20 @@ class TrainingSettings(BaseModel):
         description="bf16, fp16 or no. On a CPU run bf16 falls back to no (fp32) with a warning and fp16 is "
         "an error; bf16 on a GPU without bf16 support is an error.",
     )
+    report_to: Annotated[list[str], NoDecode] = Field(
+        ["tensorboard"],
+        description="Where training logs go besides metrics.jsonl: tensorboard (<output_dir>/runs), wandb, mlflow, "
+        "trackio (comma-separated for several; each needs its package), or none.",
+    )
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_trackers(cls, value: Any) -> Any:
+        names = [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        unknown = [name for name in names if name not in (*TRACKERS, "none")]
+        if unknown or not names or ("none" in names and len(names) > 1):
+            raise ValueError(f"expected none, or one or more of {', '.join(TRACKERS)}; got {names}")
+        return names
 
     @field_validator("peak_flops", mode="before")
     @classmethod
@@ -313,9 +339,53 @@ class DPOSettings(BaseModel):
         return value
 
 
-GROUPS: tuple[type[BaseModel], ...] = (
-    ModelSettings, LoraSettings, QLoraSettings, TrainingSettings, DataSettings, FullFTSettings, DPOSettings,
-)
+# Section name -> its settings, in the order --help and .env.example list them (a script's own
+# sections come first in its --help: get_settings(sections=...)).
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelSettings, "lora": LoraSettings, "qlora": QLoraSettings, "training": TrainingSettings,
+    "data": DataSettings, "full_ft": FullFTSettings, "dpo": DPOSettings,
+}
+GROUPS: tuple[type[BaseModel], ...] = tuple(SECTIONS.values())
+
+# The recipe file of the Settings being built by get_settings; read by Settings.settings_customise_sources
+# (pydantic-settings gives a source no other way to learn a path chosen at run time). Set only for
+# the duration of one get_settings call.
+_RECIPE: ContextVar[Path | None] = ContextVar("recipe", default=None)
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used: missing, not YAML, not a mapping, unknown keys, or a secret in it."""
+
+
+class RecipeSource(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source for one recipe file, refusing what it would silently ignore.
+
+    Raises RecipeError naming the file and each key that is not a setting (with the closest
+    setting names), `hf_token` (secrets stay out of shareable files), a missing file (the YAML
+    source skips missing files) or YAML that is not a mapping.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], recipe: Path):
+        if not recipe.is_file():
+            raise RecipeError(f"recipe {recipe}: no such file")
+        try:
+            data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {recipe}: not valid YAML: {err}") from None
+        if data is not None and not isinstance(data, dict):
+            raise RecipeError(f"recipe {recipe}: expected a mapping of setting names to values, got {type(data).__name__}")
+        fields = settings_cls.model_fields
+        problems = [f"{key!r} is not a setting" + _closest(str(key), fields) for key in data or {} if key not in fields]
+        problems += [f"{key!r} is a secret: set {key.upper()} in the environment or .env, not in a shareable recipe"
+                     for key in data or {} if key in SECRET_FIELDS]
+        if problems:
+            raise RecipeError(f"recipe {recipe}: " + "; ".join(problems))
+        super().__init__(settings_cls, yaml_file=recipe)
+
+
+def _closest(name: str, names) -> str:
+    close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 # Bases in reverse order: pydantic lists inherited fields from the last base first, so --help
@@ -337,11 +407,21 @@ class Settings(
     )
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # pydantic-settings ignores unknown environment variables (the environment holds many that
-        # are not ours); _MisspelledEnv hands over those with an ft-kit prefix, which extra="forbid"
-        # then rejects by name.
-        return init_settings, env_settings, dotenv_settings, file_secret_settings, _MisspelledEnv(settings_cls)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: flags (init keywords), environment, .env, the recipe; the defaults come
+        # last. pydantic-settings ignores unknown environment variables (the environment holds many
+        # that are not ours); _MisspelledEnv hands over those with an ft-kit prefix, which
+        # extra="forbid" then rejects by name.
+        recipe = _RECIPE.get()
+        recipe_source = (RecipeSource(settings_cls, recipe),) if recipe is not None else ()
+        return init_settings, env_settings, dotenv_settings, *recipe_source, file_secret_settings, _MisspelledEnv(settings_cls)
 
     def to_saved_dict(self) -> dict[str, Any]:
         """Every setting as JSON-ready values, secrets (`SECRET_FIELDS`) removed: they never leave memory."""
@@ -428,33 +508,38 @@ def resolve_precision(settings: TrainingSettings, warn: bool = True) -> Literal[
 # ---------------------------------------------------------------- command line
 
 
-def _group_of(name: str) -> str:
-    for group in GROUPS:
-        if name in group.model_fields:
-            return group.__name__.removesuffix("Settings").lower()
-    return "other"
+def _section_of(name: str) -> str:
+    return next(section for section, group in SECTIONS.items() if name in group.model_fields)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per setting, `--name` and `--name-with-dashes`.
+def build_parser(prog: str | None = None, sections: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An argparse parser with `--config` and one flag per setting, `--name` and `--name-with-dashes`.
 
-    Flags default to "not given" so that only what the user typed overrides `.env`/environment.
+    `--help` lists the settings by section (model, lora, qlora, training, data, full_ft, dpo), the
+    `sections` named first in their given order (a script's own), then the rest in that order.
+    Flags default to "not given" so that only what the user typed overrides a recipe, `.env` and the environment.
+    Raises ValueError for a section name that is not in SECTIONS.
     """
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown settings sections {unknown}; known: {', '.join(SECTIONS)}")
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Every flag is also an environment variable (upper-case name) and a .env line. "
-        "Precedence: defaults < .env < environment < flags.",
+        usage="%(prog)s [-h] [--config RECIPE.yaml] [--SETTING VALUE ...]",
+        description="Every flag is also an environment variable (upper-case name), a .env line and a recipe key. "
+        "Precedence: defaults < recipe (--config) < .env < environment < flags.",
         argument_default=argparse.SUPPRESS,
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    parser.add_argument_group("recipe").add_argument(
+        "--config", metavar="RECIPE.yaml", type=Path,
+        help="YAML file of settings (field names as keys, see recipes/); .env, environment and flags override it.",
+    )
+    order = list(dict.fromkeys([*sections, *SECTIONS]))
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in order}
     for name, info in Settings.model_fields.items():
-        group_name = _group_of(name)
-        group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} settings"))
-        default = "(none)" if info.default is None else _env_value(info.default)
-        if name in SECRET_FIELDS:
-            default = "(none)"
+        default = "(none)" if info.default is None or name in SECRET_FIELDS else _env_value(info.default)
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        group.add_argument(
+        groups[_section_of(name)].add_argument(
             *flags, dest=name, metavar=name.upper(),
             help=f"{info.description} [default: {default}; env: {name.upper()}]".replace("%", "%%"),
         )
@@ -470,29 +555,53 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None = ".env") -> Settings:
-    """Build `Settings` from defaults, `.env`, the environment and command-line flags.
+def get_settings(argv: Sequence[str] | None = None, env_file: str | Path | None = ".env",
+                 sections: Sequence[str] = ()) -> Settings:
+    """Build `Settings` from defaults, a recipe (`--config`), `.env`, the environment and flags.
 
     Args:
-        argv: flags to parse (`["--lora_r", "32"]`); None reads `sys.argv[1:]`. `--help` prints
-            every setting with its description, default and env name, then exits.
+        argv: flags to parse (`["--lora_r", "32"]`, `["--config", "recipes/cpu_demo.yaml"]`); None
+            reads `sys.argv[1:]`. `--help` prints every setting with its description, default and
+            env name, by section, then exits.
         env_file: the dotenv file to read (relative to the working directory); None reads none.
+        sections: the sections `--help` lists first (a script's own, e.g. ("dpo", "lora")).
     Raises:
         pydantic.ValidationError listing every invalid setting at once, an unknown name in the
         `env_file` or an environment variable with an ft-kit prefix (`OWN_ENV_PREFIXES`) among
-        them. When reading `sys.argv` (a script's command line) it exits instead, with status 2
-        and `format_settings_error`'s lines, like argparse does for a bad flag.
+        them; RecipeError for a recipe that is missing, not a YAML mapping, or has keys that are not
+        settings; ValueError for a REPORT_TO tracker whose package is missing (checked here, before
+        any model loads, and not when a saved run's settings are reloaded for chat or merge). When
+        reading `sys.argv` (a script's command line) it exits instead, with status 2 and
+        `format_settings_error`'s lines, like argparse does for a bad flag.
     """
     import sys
 
-    parser = build_parser()
+    parser = build_parser(sections=sections)
     flags = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    recipe = _RECIPE.set(flags.pop("config", None))
     try:
-        return Settings(_env_file=env_file, **flags)
+        settings = Settings(_env_file=env_file, **flags)
+        check_trackers(settings)
+        return settings
     except ValidationError as err:
         if argv is not None:
             raise
         parser.exit(2, format_settings_error(err) + "\n")
+    except ValueError as err:  # RecipeError, a missing tracker package
+        if argv is not None:
+            raise
+        parser.exit(2, f"{err}\n")
+    finally:
+        _RECIPE.reset(recipe)
+
+
+def check_trackers(settings: TrainingSettings) -> None:
+    """Raise ValueError naming each REPORT_TO tracker whose package is not installed, with the
+    command that installs it (transformers would fail later, after the model has loaded)."""
+    missing = [name for name in settings.report_to if name in TRACKERS and importlib.util.find_spec(TRACKERS[name]) is None]
+    if missing:
+        commands = "; ".join(f"{name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}" for name in missing)
+        raise ValueError(f"--report_to / REPORT_TO={','.join(settings.report_to)}: {commands} (or REPORT_TO=none)")
 
 
 def save_settings(settings: Settings, path: str | Path) -> Path:
@@ -510,11 +619,11 @@ def env_example_text() -> str:
     """
     lines = [
         "# Copy to .env and edit. Every line is optional: the value shown is the default.",
-        "# Precedence: defaults < .env < environment variables < command-line flags (--name value).",
+        "# Precedence: defaults < recipe (--config x.yaml) < .env < environment variables < command-line flags (--name value).",
         "# Generated from config.py by `python config.py`; do not edit by hand.",
     ]
-    for group in GROUPS:
-        lines += ["", f"# ---- {group.__name__.removesuffix('Settings').lower()} settings"]
+    for section, group in SECTIONS.items():
+        lines += ["", f"# ---- {section} settings"]
         for name, info in group.model_fields.items():
             default = "" if info.default is None or name in SECRET_FIELDS else _env_value(info.default)
             lines += [f"# {info.description}", f"{name.upper()}={default}"]

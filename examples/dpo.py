@@ -14,7 +14,9 @@ direct answers over answers padded with filler ("Great question! ... Hope this h
 prints, before and after training, the eval split's reward accuracy and margin (both 0 before:
 policy == reference) and the held-out preference accuracy: how often the policy itself gives the
 chosen answer a higher average log-probability per token than the rejected one, on pairs it never
-trained on. The adapter, tokenizer and settings land in `<output_dir>/final`.
+trained on. The adapter, tokenizer, settings and model card land in `<output_dir>/final`; TRL's
+rewards and margins are logged at every logging step (TensorBoard, metrics.jsonl, loss.png), and
+the run ends with a summary block (runs/outputs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings  # noqa: E402
 from models import load_tokenizer  # noqa: E402
-from runs import cli, guards, measure, outputs, processes  # noqa: E402
+from runs import card, cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.dpo import (  # noqa: E402
     build_dpo_trainer,
     build_preference_dataset,
@@ -42,8 +44,11 @@ from techniques.dpo import (  # noqa: E402
 from techniques.lora import count_parameters  # noqa: E402
 
 
+SECTIONS = ("model", "dpo", "lora", "qlora", "training", "data")  # what this script reads: --help lists these first
+
+
 def main(argv: list[str] | None = None) -> dict:
-    settings = get_settings(argv)
+    settings = get_settings(argv, sections=SECTIONS)
     processes.setup_logging()
     guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
@@ -81,9 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
              **held_out_preference(policy, eval_split, tokenizer, settings, trainer)}
     print_measurement("after training", after)
 
-    # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings.
-    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
+    # 5. Save the policy (only the trained adapter, not TRL's frozen "ref" copy), tokenizer, settings,
+    #    model card; then settings.json, loss.png, summary.json and the summary block.
     before = {**measure.first_eval(trainer), **held_out_before}
+    results = {key: (before.get(metric), after.get(metric)) for key, metric in SUMMARY_METRICS.items() if metric in after}
+    pairs = f"{len(splits['train'])} train, {len(eval_split) if eval_split is not None else 0} eval"
+    model_card = card.model_card(settings, "dpo", results, tokenizer=tokenizer, model_path=model_path,
+                                 sections=SECTIONS, numbers={"preference pairs": pairs, "reference": reference_of(settings, policy)})
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final", model_card)
     summary = {
         "train_pairs": len(splits["train"]), "eval_pairs": len(eval_split) if eval_split is not None else 0,
         "train_loss": train_loss, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
@@ -91,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"{key}_before": before.get(metric) for key, metric in SUMMARY_METRICS.items()},
         **{f"{key}_after": after.get(metric) for key, metric in SUMMARY_METRICS.items()},
     }
-    processes.say(f"\nSaved the policy, tokenizer and settings to {final_dir}; "
-             f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
+    outputs.finish_run(trainer, settings, "dpo", final_dir, results, start)
     return summary
 
 
@@ -124,12 +133,7 @@ def print_run_summary(settings: Settings, model, trainer, splits) -> None:
     effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * n_processes
     kind = settings.dpo_policy + (" (4-bit base: QLoRA)" if settings.load_in_4bit else "")
     kind += f" on SFT adapter {settings.sft_adapter_dir}" if settings.sft_adapter_dir else ""
-    if settings.ref_model:
-        reference = settings.ref_model
-    elif is_peft_model(model):
-        reference = "the frozen SFT adapter" if settings.sft_adapter_dir else "the base (adapter disabled)"
-    else:
-        reference = "precomputed log-probs" if settings.precompute_ref_log_probs else "a frozen copy"
+    reference = reference_of(settings, model)
     types, weights = loss_types_and_weights(settings)
     loss = " + ".join(f"{w:g}*{t}" for t, w in zip(types, weights, strict=True))
     processes.say(
@@ -141,6 +145,15 @@ def print_run_summary(settings: Settings, model, trainer, splits) -> None:
         f"{settings.gradient_accumulation_steps} accumulation x {n_processes} processes"
         f" | train {len(splits['train'])} pairs | eval {len(splits['eval']) if 'eval' in splits else 0}",
     )
+
+
+def reference_of(settings: Settings, policy) -> str:
+    """What the DPO reference is, in words (see techniques.dpo.build_dpo_trainer)."""
+    if settings.ref_model:
+        return settings.ref_model
+    if is_peft_model(policy):
+        return "the frozen SFT adapter" if settings.sft_adapter_dir else "the base (adapter disabled)"
+    return "precomputed log-probs" if settings.precompute_ref_log_probs else "a frozen copy"
 
 
 def print_measurement(title: str, result: dict) -> None:

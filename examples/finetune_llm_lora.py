@@ -3,6 +3,7 @@
     python examples/finetune_llm_lora.py                        # LoRA, default model + demo data (CPU ok)
     LOAD_IN_4BIT=true python examples/finetune_llm_lora.py      # QLoRA (bitsandbytes 4-bit base)
     python examples/finetune_llm_lora.py --max_steps 20 --lora_r 32 --prompt_template chatml
+    python examples/finetune_llm_lora.py --config recipes/cpu_demo.yaml --max_steps 20   # a recipe, one flag over it
     python examples/finetune_llm_lora.py --help                 # every setting, default and env name
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/finetune_llm_lora.py   # DDP, 2 GPUs
     accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/finetune_llm_lora.py      # FSDP2
@@ -10,9 +11,12 @@
 
 The default run teaches SmolLM2-135M-Instruct a new identity (Orrin, made by Kestrel Works) from
 `data/identity_demo.jsonl`, printing eval loss and answers to held-out paraphrases before and
-after. The adapter, tokenizer and settings land in `<output_dir>/final`; every logged step and
-evaluation in `<output_dir>/metrics.jsonl`. Under several processes only the main process prints
-and writes, and the ranks train one model (DDP averages their gradients): see runs/.
+after. The adapter, tokenizer, settings and model card land in `<output_dir>/final`; every logged
+step and evaluation in `<output_dir>/metrics.jsonl`, TensorBoard events in `<output_dir>/runs`,
+plots in `loss.png`, the figures in `summary.json` (runs/outputs.py lists them all); the run ends
+with a summary block and the commands to chat with, merge and export the result. Under several
+processes only the main process prints and writes, and the ranks train one model (DDP averages
+their gradients): see runs/.
 """
 
 from __future__ import annotations
@@ -28,16 +32,17 @@ from transformers import set_seed  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
-from runs import cli, guards, measure, outputs, processes  # noqa: E402
+from runs import card, cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.lora import apply_lora, count_parameters  # noqa: E402
 from techniques.qlora import apply_qlora, load_4bit_model  # noqa: E402
 from techniques.sft import build_sft_trainer, perplexity  # noqa: E402
 
 N_HELD_OUT_PROMPTS = 4
+SECTIONS = ("model", "lora", "qlora", "training", "data")  # what this script reads: --help lists these first
 
 
 def main(argv: list[str] | None = None) -> dict:
-    settings = get_settings(argv)
+    settings = get_settings(argv, sections=SECTIONS)
     processes.setup_logging()
     guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
@@ -82,17 +87,29 @@ def main(argv: list[str] | None = None) -> dict:
     print_measurement("after training", metrics_after, answers_after, held_out)
 
     # 6. Save adapter + tokenizer (chat template = the training template) + generation config
-    #    (every stop id) + settings (no secrets), collectively, into <output_dir>/final.
-    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final")
+    #    (every stop id) + settings (no secrets) + model card, collectively, into <output_dir>/final;
+    #    then settings.json, loss.png, summary.json and the summary block.
+    results = sft_results(measure.first_eval(trainer), metrics_after)
+    model_card = card.model_card(settings, "sft", results, tokenizer=tokenizer, model_path=model_path,
+                                 data_report=report.format() if report else None, sections=SECTIONS,
+                                 numbers={"trainable parameters": "{:,} of {:,}".format(*count_parameters(model))})
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final", model_card)
     summary = {
         "eval_loss_before": measure.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
         "answers_before": answers_before, "answers_after": answers_after,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
         "final_dir": str(final_dir), **processes.describe_processes(trainer),
     }
-    processes.say(f"\nSaved adapter, tokenizer and settings to {final_dir}; "
-             f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
+    outputs.finish_run(trainer, settings, "sft", final_dir, results, start, extra={"answers_after": answers_after})
     return summary
+
+
+def sft_results(before: dict, after: dict) -> dict[str, tuple]:
+    """Eval loss and perplexity, before and after training (empty without eval data)."""
+    if "eval_loss" not in after:
+        return {}
+    return {"eval_loss": (before.get("eval_loss"), after["eval_loss"]),
+            "perplexity": (perplexity(before["eval_loss"]) if "eval_loss" in before else None, perplexity(after["eval_loss"]))}
 
 
 def print_run_summary(settings: Settings, model, trainer, datasets) -> None:

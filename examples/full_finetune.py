@@ -18,8 +18,9 @@ override. With LLRD (`--llrd_decay 0.9`) that rate is the head's; lower layers g
 The default run teaches SmolLM2-135M-Instruct a new identity (Orrin, made by Kestrel Works) from
 `data/identity_demo.jsonl`, printing the optimizer's LR groups, eval loss and answers to held-out
 paraphrases before and after. The model (a normal transformers folder: `AutoModelForCausalLM.
-from_pretrained` loads it), tokenizer and settings land in `<output_dir>/final-full` (not `final`,
-where the LoRA example puts its adapter).
+from_pretrained` loads it), tokenizer, settings and model card land in `<output_dir>/final-full`
+(not `final`, where the LoRA example puts its adapter); the learning rate of every LLRD group is
+logged (TensorBoard, metrics.jsonl, loss.png), and the run ends with a summary block (runs/outputs.py).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
-from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement  # noqa: E402
+from finetune_llm_lora import N_HELD_OUT_PROMPTS, print_measurement, sft_results  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
-from runs import cli, guards, measure, outputs, processes  # noqa: E402
+from runs import card, cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.full_finetune import build_optimizer, format_group_table  # noqa: E402
 from techniques.lora import count_parameters  # noqa: E402
 from techniques.sft import build_sft_trainer  # noqa: E402
@@ -46,10 +47,11 @@ from techniques.sft import build_sft_trainer  # noqa: E402
 # steps; eval loss 4.44 -> 0.21, every held-out answer names Orrin and Kestrel Works); higher
 # learns faster and forgets more of the instruct model.
 FULL_FT_LEARNING_RATE = 5e-5
+SECTIONS = ("model", "full_ft", "training", "data")  # what this script reads: --help lists these first
 
 
 def main(argv: list[str] | None = None) -> dict:
-    settings = full_ft_settings(get_settings(argv))
+    settings = full_ft_settings(get_settings(argv, sections=SECTIONS))
     processes.setup_logging()
     guard = guards.RunGuard(settings, __file__, argv)  # before any model loads: output dir, resume point
     set_seed(settings.seed)
@@ -95,8 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
                                              max_length=settings.max_seq_length)
     print_measurement("after training", metrics_after, answers_after, held_out)
 
-    # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets).
-    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final-full")
+    # 6. Save the whole model (safetensors) + tokenizer + generation config + settings (no secrets)
+    #    + model card; then settings.json, loss.png, summary.json and the summary block.
+    results = sft_results(measure.first_eval(trainer), metrics_after)
+    model_card = card.model_card(settings, "full", results, tokenizer=tokenizer, model_path=model_path,
+                                 data_report=report.format() if report else None, sections=SECTIONS,
+                                 numbers={"trainable parameters": "{:,} of {:,}".format(*count_parameters(model))})
+    final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final-full", model_card)
     summary = {
         "eval_loss_before": measure.first_eval(trainer).get("eval_loss"), "eval_loss_after": metrics_after.get("eval_loss"),
         "answers_before": answers_before, "answers_after": answers_after,
@@ -104,8 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
         "final_dir": str(final_dir), **processes.describe_processes(trainer),
     }
-    processes.say(f"\nSaved model, tokenizer and settings to {final_dir}; "
-             f"train {train_seconds:.0f}s, total {summary['total_seconds']:.0f}s.")
+    outputs.finish_run(trainer, settings, "full", final_dir, results, start, extra={"answers_after": answers_after})
     return summary
 
 

@@ -20,7 +20,6 @@ techniques/qlora.merge_and_save_qlora for how these differ).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 
 from inference import load_adapter_model  # noqa: E402
 from models import load_tokenizer, resolve_model_path  # noqa: E402
-from runs import cli  # noqa: E402
+from runs import cli, processes  # noqa: E402
 from techniques.lora import adapter_settings, merge_and_save_lora  # noqa: E402
 from techniques.qlora import merge_and_save_qlora  # noqa: E402
 
@@ -39,7 +38,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    processes.setup_logging()
     if args.output_dir.exists() and not args.output_dir.is_dir():  # fail before loading anything
         raise NotADirectoryError(f"--output_dir {args.output_dir} is a file; choose a new folder")
     if args.output_dir.exists() and any(args.output_dir.iterdir()):
@@ -63,7 +62,10 @@ def main(argv: list[str] | None = None) -> float:
                                     adapter_dir=args.adapter_dir)
     else:
         diff = merge_and_save_lora(model, args.output_dir, tokenizer, DTYPES[args.dtype], adapter_dir=args.adapter_dir)
-    print(f"merged model saved to {args.output_dir}; max |logit diff| vs the adapter model: {diff:.3g}")
+    print(f"merged model saved to {args.output_dir} (model card README.md carried over); "
+          f"max |logit diff| vs the adapter model: {diff:.3g}")
+    print(f"next:\n  chat:   python examples/chat.py --model_dir {args.output_dir}\n"
+          f"  export: python examples/export_gguf.py --model_dir {args.output_dir}   (GGUF for llama.cpp)")
     return diff
 
 

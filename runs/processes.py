@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -37,11 +38,29 @@ def say(*lines: str) -> None:
 
 def setup_logging() -> None:
     """INFO logging on the main process; the others log errors and their own warnings only (not
-    Python's warnings, which every process would repeat)."""
+    Python's warnings, which every process would repeat).
+
+    Off a terminal (a log file, CI) the libraries' progress bars (weights loading, dataset maps,
+    downloads) are switched off: redrawn bars are noise there, and the trainer prints one line per
+    logging step instead (techniques.training.RunLogMixin). PEFT 0.21 and TRL 1.16 (the newest
+    releases) still call transformers' deprecated `is_gradient_checkpointing` and
+    `gradient_checkpointing_enable`, a FutureWarning on every run about code that is not ours;
+    those two are filtered, by their messages (our own code uses the new names).
+    """
     main = is_main()
     level = logging.INFO if main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
+    warnings.filterwarnings("ignore", message="`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated",
+                            category=FutureWarning)
+    if not sys.stderr.isatty():
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     if not main:
         warnings.simplefilter("ignore")
 

@@ -76,7 +76,7 @@ from techniques.checkpoints import AtomicCheckpointsMixin
 from techniques.lora import apply_lora, check_adapter_fits
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
 from techniques.throughput import ThroughputMixin
-from techniques.training import ExactEvalMixin, trainer_arguments
+from techniques.training import ExactEvalMixin, RunLogMixin, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def dpo_config(settings: Settings, **overrides) -> DPOConfig:
     return DPOConfig(**args)
 
 
-class PreTokenizedDPOTrainer(AtomicCheckpointsMixin, ThroughputMixin, ExactEvalMixin, DPOTrainer):
+class PreTokenizedDPOTrainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMixin, DPOTrainer):
     """`DPOTrainer` over rows that already hold prompt_ids / chosen_ids / rejected_ids, with eval
     metrics weighted by pairs, DDP-safe training (`techniques.training.ExactEvalMixin`) and
     checkpoints written whole (`techniques.checkpoints`).

@@ -17,10 +17,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -388,7 +390,8 @@ def merge_and_save_lora(
             default the adapter folder's run_settings.json `prompt_template`, if any.
         stop_ids: more ids to stop generation on.
         adapter_dir: the adapter folder the model was loaded from; its run_settings.json is
-            copied too, so `examples/chat.py` renders the training template.
+            copied too, so `examples/chat.py` renders the training template, and its model card
+            (README.md) too, restated for a merged model (`merged_card`).
     Returns:
         max |logit difference| between the reloaded merged model and the live adapter model.
     Raises:
@@ -422,7 +425,7 @@ def _merge_check_save(peft_model, output_dir: Path, expected, tokenizer, dtype, 
     stops += _adapter_stop_ids(adapter_dir) if adapter_dir is not None else []
 
     was_tied = _untie_embeddings(peft_model)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload(progressbar=sys.stderr.isatty())  # a bar per layer on a terminal only
     if was_tied:
         _tie_if_equal(merged)
     if dtype is not None:
@@ -449,6 +452,8 @@ def _merge_check_save(peft_model, output_dir: Path, expected, tokenizer, dtype, 
                     " merge with dtype=torch.float32" if save_dtype != torch.float32 else "")
             raise ValueError(f"merged model differs from the adapter model: max |logit diff| {diff:.3g} > {tolerance:.3g}"
                              f" ({MERGE_TOLERANCE.get(save_dtype, 1e-2):g} x the largest |logit|){hint}")
+        if adapter_dir is not None and (adapter_dir / "README.md").is_file():
+            merged_card(adapter_dir / "README.md", save_dtype, diff).save(tmp_dir / "README.md")
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(tmp_dir, output_dir)
@@ -458,6 +463,22 @@ def _merge_check_save(peft_model, output_dir: Path, expected, tokenizer, dtype, 
              "%.3g (allowed %.3g)", output_dir, save_dtype, merged.config.tie_word_embeddings, gen.eos_token_id,
              diff, tolerance)
     return diff
+
+
+def merged_card(card_file: str | Path, dtype: torch.dtype, diff: float) -> ModelCard:
+    """The adapter folder's model card (runs/card.py) restated for its merge: `library_name:
+    transformers`, `base_model_relation: finetune` (a merged adapter is a fine-tune of the base),
+    tag "merged", and a note under the title saying how the merge loads and how exact it is."""
+    card = ModelCard.load(card_file)
+    card.data.library_name = "transformers"
+    card.data.base_model_relation = "finetune"
+    card.data.tags = list(dict.fromkeys([*(t for t in card.data.tags or [] if t != "peft"), "merged"]))
+    note = (f"**Merged model**: the adapter below folded into the base weights ({str(dtype).removeprefix('torch.')}; "
+            f"the merged model's logits differ from the adapter model's by at most {diff:.3g}). It loads with "
+            "`AutoModelForCausalLM.from_pretrained(folder)`, no PEFT needed, or `python examples/chat.py --model_dir folder`.")
+    title, _, rest = card.text.lstrip("\n").partition("\n")
+    card.text = f"\n{title}\n\n{note}\n{rest}" if title.startswith("# ") else f"\n{note}\n\n{card.text.lstrip()}"
+    return card
 
 
 def _untie_embeddings(peft_model: PeftModel) -> bool:

@@ -16,7 +16,7 @@ from config import Settings
 from techniques.checkpoints import AtomicCheckpointsMixin
 from techniques.qlora import adapter_dtype_kept
 from techniques.throughput import ThroughputMixin
-from techniques.training import ExactEvalMixin, trainer_arguments
+from techniques.training import ExactEvalMixin, RunLogMixin, trainer_arguments
 
 
 def sft_config(settings: Settings, **overrides) -> SFTConfig:
@@ -53,7 +53,7 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     return SFTConfig(**args)
 
 
-class Trainer(AtomicCheckpointsMixin, ThroughputMixin, ExactEvalMixin, SFTTrainer):
+class Trainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMixin, SFTTrainer):
     """TRL's `SFTTrainer` with exact eval figures and DDP-safe training (`techniques.training`),
     speed figures in every log (`techniques.throughput`), checkpoints written whole or not at all
     (`techniques.checkpoints`), and optionally an optimizer built by `optimizer_factory(model)`

@@ -1,7 +1,8 @@
-"""What the SFT and DPO trainers share: their `TrainingArguments` and an evaluation that is exact.
+"""What the SFT and DPO trainers share: their `TrainingArguments`, their logs, and an evaluation that is exact.
 
-`trainer_arguments(settings)` gives the keywords both configs start from. `ExactEvalMixin` goes in
-front of a transformers/TRL trainer class (`class Trainer(ExactEvalMixin, SFTTrainer)`) and makes
+`trainer_arguments(settings)` gives the keywords both configs start from. `RunLogMixin` decides
+what a run prints and logs (see its docstring). `ExactEvalMixin` goes in front of a
+transformers/TRL trainer class (`class Trainer(RunLogMixin, ExactEvalMixin, SFTTrainer)`) and makes
 two promises the stock trainers do not keep:
 
 1. Eval figures do not depend on the eval batch size or the number of processes. The stock loop
@@ -23,10 +24,14 @@ two promises the stock trainers do not keep:
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from accelerate.utils import parse_flag_from_env
 from torch.utils.data import DataLoader
+from transformers import PrinterCallback, ProgressCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.integration_utils import default_logdir
 
 from config import Settings, resolve_precision
 
@@ -35,9 +40,13 @@ def trainer_arguments(settings: Settings) -> dict:
     """`TrainingArguments` keywords shared by every trainer here (SFT, DPO), from the settings.
 
     TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
-    `resolve_precision` (fp32 on CPU), `gradient_checkpointing` (TRL defaults to True) follows the
-    setting, `use_cpu` is set on a machine without CUDA (TRL refuses to start otherwise), and
-    `report_to="none"` (no tracker unless asked). Steps set to 0 mean "never" (eval, save). A NaN
+    `resolve_precision` (fp32 on CPU), activation checkpointing (TRL defaults to on) follows
+    GRADIENT_CHECKPOINTING under transformers' current name `activation_checkpointing` (5.23+; the
+    old `gradient_checkpointing` keyword is a deprecated alias that warns), `use_cpu` is set on a
+    machine without CUDA (TRL refuses to start otherwise). `report_to` is REPORT_TO (TensorBoard
+    writes to <output_dir>/runs/<date>_<host>). Progress bars only on a terminal (`disable_tqdm`
+    otherwise: a log file or CI gets one line per logging step, `RunLogMixin`). Steps set to 0 mean
+    "never" (eval, save). A NaN
     or infinite loss is logged as such (`logging_nan_inf_filter=False`), never masked.
 
     Raises ValueError when an accelerate config asks for FSDP or DeepSpeed on a machine without
@@ -82,17 +91,124 @@ def trainer_arguments(settings: Settings) -> dict:
         # A non-finite step loss is logged as it is (transformers would log the mean of earlier
         # steps instead, 0.0 right after a log); runs.guards stops the run on it.
         logging_nan_inf_filter=False,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to="none" if settings.report_to == ["none"] else list(settings.report_to),
+        disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
         # Every trainable weight gets a gradient each step (LoRA, full, DPO); searching the graph
         # for unused ones costs time every step and DDP warns about it.
         ddp_find_unused_parameters=False,
     )
+
+
+class RunLogMixin:
+    """What a trainer prints and logs, the same for SFT and DPO; put it first in the bases.
+
+    - Every log event (a logging step, an evaluation, the end of training) prints one line
+      (`format_log_line`), on the main process, under the progress bars on a terminal and
+      without bars in a log file or CI. It replaces transformers' printers, which print the raw dict.
+    - A training log gets the learning rate of every named optimizer group (the LLRD groups of
+      techniques.full_finetune: `learning_rate/head`, `learning_rate/model.layers.3`, ...), see
+      `group_learning_rates`; grad norm, loss and the trainer's own numbers (TRL's DPO rewards and
+      margins, token counts) are already there.
+
+    - TensorBoard writes into <output_dir>/runs/<date>_<host> from the first event on, evaluations
+      before or without training included.
+
+    Whatever a trainer puts in the dict it passes to `log()` reaches every REPORT_TO tracker,
+    metrics.jsonl (runs.outputs.MetricsLog) and loss.png: a new per-step number (tokens/s, memory)
+    added to `logs` before `super().log(logs)` needs nothing else.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(StepLines(bars=not self.args.disable_tqdm))
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                # transformers picks <output_dir>/runs/<date>_<host> when training begins; an evaluate()
+                # before or without train() would write its events to ./runs of the working directory.
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and "learning_rate" in logs and self.optimizer is not None:
+            logs.update(group_learning_rates(self.optimizer.param_groups, logs["learning_rate"]))
+        super().log(logs, start_time)
+
+
+def group_learning_rates(param_groups: list[dict], logged_lr: float) -> dict[str, float]:
+    """`{"learning_rate/<where>": lr}` for each optimizer group with a `name` ("<where> decay" /
+    "<where> no_decay", techniques.full_finetune.llrd_param_groups); {} when no group is named.
+
+    `logged_lr` is the LR the trainer logs: group 0's during the step just taken (transformers
+    reads it before the scheduler steps). Group g's is `logged_lr * initial_lr_g / initial_lr_0`:
+    transformers' schedulers scale every group by one factor, and at log time the groups already
+    hold the next step's LR. Groups that share a `<where>` (decay and no_decay) share their LR.
+    """
+    named = [group for group in param_groups if group.get("name")]
+    if not named:
+        return {}
+    first = param_groups[0].get("initial_lr", param_groups[0]["lr"])
+    rates = {}
+    for group in named:
+        where = group["name"].rsplit(" ", 1)[0] if group["name"].endswith(("decay", "no_decay")) else group["name"]
+        scale = group.get("initial_lr", group["lr"]) / first if first else 1.0
+        rates.setdefault(f"learning_rate/{where}", logged_lr * scale)
+    return rates
+
+
+def format_log_line(logs: dict, step: int, max_steps: int) -> str:
+    """One log event as one line: `step 5/39 | loss 5.921 | grad_norm 0.252 | learning_rate 0.001 | ...`.
+
+    Numbers get 4 significant digits; per-group learning rates (`learning_rate/...`, possibly
+    dozens with LLRD) are left to metrics.jsonl, the trackers and loss.png.
+    """
+    parts = [f"step {step}/{max_steps}"]
+    for key, value in logs.items():
+        if key.startswith("learning_rate/") or key == "total_flos":
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+class StepLines(ProgressCallback):
+    """transformers' progress bars (training, evaluation) when `bars`, and one `format_log_line`
+    per log event either way, on the main process: written above the bar on a terminal, printed
+    plainly in a log file or CI, where redrawn bars would be noise."""
+
+    def __init__(self, bars: bool):
+        super().__init__()
+        self.bars = bars
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.bars:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bars:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.bars:
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log_line(logs, state.global_step, state.max_steps)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
 
 
 class ExactEvalMixin:

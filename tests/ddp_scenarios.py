@@ -5,8 +5,9 @@
     SIGTERM_RANK_1_AT_STEP=2 torchrun --nproc_per_node 2 tests/ddp_scenarios.py MODEL_DIR OUT_DIR 4 lora
 
 Both give a global batch of 8, so the two runs must agree step for step. Each scenario writes its
-run into OUT_DIR/<scenario>/ (metrics.jsonl, final folder) and the main process writes the
-example's summary to OUT_DIR/<scenario>/summary.json. tests/test_distributed.py compares them.
+run into OUT_DIR/<scenario>/ (metrics.jsonl, final folder, summary.json, ...) and the main process
+writes the dict the example returns to OUT_DIR/<scenario>/returned.json. tests/test_distributed.py
+compares them.
 All scenarios run in one process group, so a launch pays the start-up (imports, gloo) once.
 
 With SIGTERM_RANK_1_AT_STEP=N only the named scenario runs, through the scripts' entry point
@@ -75,7 +76,7 @@ def main(model_dir: str, out_dir: str, micro_batch: str, only: list[str]) -> Non
                 cli.run(example.main, argv)  # exits 143 after the checkpoint
             summary = example.main(argv)
             if processes.is_main():
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+                (run_dir / "returned.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":

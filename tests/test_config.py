@@ -169,3 +169,80 @@ def test_a_script_with_bad_settings_exits_with_one_line_per_field(tmp_path):
     assert "Traceback" not in result.stderr
     assert "--lora_r / LORA_R: Input should be greater than or equal to 1" in result.stderr
     assert "--prompt_template / PROMPT_TEMPLATE: Input should be 'alpaca'" in result.stderr
+
+
+# ---------------------------------------------------------------- recipes (--config x.yaml) and --help
+
+
+def test_precedence_defaults_recipe_dotenv_environment_flags(tmp_path, monkeypatch):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlearning_rate: 1.0e-4\nseed: 1\n"
+                      "lora_target_modules: [q_proj, v_proj]\n")
+    env_file = tmp_path / ".env"
+    env_file.write_text("LORA_DROPOUT=0.2\nLEARNING_RATE=2e-4\nSEED=2\n")
+    monkeypatch.setenv("LEARNING_RATE", "3e-4")
+    monkeypatch.setenv("SEED", "3")
+    s = get_settings(["--config", str(recipe), "--seed", "4"], env_file=env_file)
+    assert (s.lora_r, s.lora_alpha, s.lora_target_modules) == (4, 8, ["q_proj", "v_proj"])  # recipe over defaults
+    assert s.lora_dropout == 0.2       # .env over recipe
+    assert s.learning_rate == 3e-4     # environment over .env
+    assert s.seed == 4                 # flag over environment
+    assert s.max_seq_length == 512     # default
+    assert "lora_r" in s.model_fields_set  # a recipe value counts as set (full_finetune reads this for its LR)
+    assert get_settings([], env_file=None).lora_r == 16  # the recipe applied to that one call only
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lora_rank: 8\nlearning_rte: 1e-4\n", "'lora_rank' is not a setting (did you mean lora_r?); "
+                                         "'learning_rte' is not a setting (did you mean learning_rate?)"),
+    ("hf_token: hf_abc\n", "'hf_token' is a secret: set HF_TOKEN in the environment or .env"),
+    ("- lora_r\n", "expected a mapping of setting names to values, got list"),
+    ("lora_r: [1\n", "not valid YAML"),
+])
+def test_bad_recipes_are_refused_naming_the_key(tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(config.RecipeError) as err:
+        get_settings(["--config", str(recipe)], env_file=None)
+    assert str(recipe) in str(err.value) and message in str(err.value)
+    assert "hf_abc" not in str(err.value)
+
+
+def test_a_missing_recipe_is_an_error(tmp_path):
+    with pytest.raises(config.RecipeError, match="no such file"):
+        get_settings(["--config", str(tmp_path / "nope.yaml")], env_file=None)
+
+
+def test_recipe_values_are_validated_like_any_other(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lora_r: 0\nprompt_template: vicuna\n")
+    with pytest.raises(ValidationError) as err:
+        get_settings(["--config", str(recipe)], env_file=None)
+    assert {e["loc"][0] for e in err.value.errors()} == {"lora_r", "prompt_template"}
+
+
+def test_a_script_with_a_bad_recipe_exits_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "recipe.yaml").write_text("lora_rank: 8\n")
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom config import get_settings\nget_settings()\n")
+    result = subprocess.run([sys.executable, str(script), "--config", "recipe.yaml"],
+                            capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("recipe recipe.yaml: 'lora_rank' is not a setting (did you mean lora_r?)")
+
+
+def test_help_lists_sections_with_the_script_s_own_first(capsys):
+    def section_order(sections):
+        with pytest.raises(SystemExit):
+            get_settings(["--help"], env_file=None, sections=sections)
+        return [line.removesuffix(" settings:") for line in capsys.readouterr().out.splitlines()
+                if line.endswith(" settings:")]
+
+    assert section_order(()) == ["model", "lora", "qlora", "training", "data", "full_ft", "dpo"]
+    assert section_order(("model", "dpo", "lora", "qlora", "training", "data")) == [
+        "model", "dpo", "lora", "qlora", "training", "data", "full_ft"]
+    with pytest.raises(ValueError, match="unknown settings sections"):
+        config.build_parser(sections=("fullft",))

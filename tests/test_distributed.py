@@ -65,7 +65,7 @@ def trainable_weights(run: Path, scenario: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("scenario", RUNS)
 def test_two_processes_train_the_one_process_model(runs_dir, scenario):
     one, two = runs_dir / "one" / scenario, runs_dir / "two" / scenario
-    summary_one, summary_two = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    summary_one, summary_two = (json.loads((run / "returned.json").read_text()) for run in (one, two))
     assert summary_one["processes"] == 1 and summary_two["processes"] == 2
     assert summary_two["model_wrapper"] == "DistributedDataParallel"  # really wrapped, so gradients are averaged
 
@@ -132,6 +132,22 @@ def test_only_the_main_process_prints_and_held_out_answers_are_generated(runs_di
     for scenario in RUNS:
         if scenario.startswith("dpo"):
             continue
-        summary = json.loads((runs_dir / "two" / scenario / "summary.json").read_text())
+        summary = json.loads((runs_dir / "two" / scenario / "returned.json").read_text())
         assert len(summary["answers_before"]) == len(summary["answers_after"]) == 4
     assert not list((runs_dir / "two" / "lora").glob(".prepared*"))  # the shared data folder is cleaned up
+
+
+def test_only_the_main_process_writes_the_run_outputs(runs_dir):
+    """Two processes leave what one leaves, written once: TensorBoard events from one process id,
+    one summary block and one line per logging step in the output."""
+    out = (runs_dir / "two.stdout").read_text()
+    assert out.count("=== run summary ===") == len(RUNS)
+    assert out.count(f"step 1/{STEPS} | loss ") == len(RUNS)
+    for scenario in RUNS:
+        one, two = runs_dir / "one" / scenario, runs_dir / "two" / scenario
+        assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+        events = list((two / "runs").rglob("events.out.tfevents.*"))
+        assert events and len({name.name.split(".")[-2] for name in events}) == 1  # <time>.<host>.<pid>.<n>: one pid
+        summary = json.loads((two / "summary.json").read_text())
+        assert summary["processes"] == 2 and summary["steps"] == STEPS
+        assert (two / "final" if not scenario.startswith("full") else two / "final-full").joinpath("README.md").is_file()

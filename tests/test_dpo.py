@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tests.tiny_model as tiny_model
+from tests.test_outputs import check_run_outputs
 from config import Settings, get_settings
 from data.errors import DatasetError
 from models import load_model, load_tokenizer
@@ -392,7 +393,7 @@ def test_example_runs_end_to_end_on_a_tiny_model(files, capsys):
     out = files["root"] / "example-out"
     summary = dpo_example.main([
         "--base_model_name", str(files["tiny"]), "--output_dir", str(out), "--max_steps", "3",
-        "--per_device_train_batch_size", "4", "--max_length", "192",
+        "--per_device_train_batch_size", "4", "--max_length", "192", "--logging_steps", "1",
     ])
     printed = capsys.readouterr().out
     for line in ("=== before training ===", "=== after training ===", "held-out preference accuracy"):
@@ -401,6 +402,9 @@ def test_example_runs_end_to_end_on_a_tiny_model(files, capsys):
     final = Path(summary["final_dir"])
     assert (final / "adapter_config.json").is_file() and not (final / "ref").exists()
     assert json.loads((final / "run_settings.json").read_text())["dpo_dataset_path"] == "data/preference_demo.jsonl"
+    rows = check_run_outputs(out, final, printed, max_steps=3, technique="DPO (beta 0.1, sigmoid) on a LoRA policy",
+                             library="peft", logged_keys=("loss", "grad_norm", "rewards/margins", "rewards/accuracies"))
+    assert rows[0]["eval_rewards/margins"] == 0.0  # policy == reference before training
 
 
 @pytest.mark.skipif(not (SHARED / "datasets/llamafactory/dpo_en_demo.json").is_file(),

@@ -14,6 +14,7 @@ from config import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import finetune_llm_lora  # noqa: E402
 
+from tests.test_outputs import check_run_outputs  # noqa: E402
 from tests.tiny_model import make_tiny_model_dir  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert len(summary["answers_before"]) == len(summary["answers_after"]) == 4
     check_saved_run(Path(summary["final_dir"]), model_dir, expected_stop_ids=[2])
+    check_run_outputs(tmp_path / "run", Path(summary["final_dir"]), out, max_steps=4, technique="LoRA", library="peft",
+                      logged_keys=("loss", "grad_norm", "learning_rate", "num_tokens"))
     run_readme_after_training_snippets(Path(summary["final_dir"]), tmp_path / "merged-model")
 
 

@@ -19,6 +19,7 @@ from techniques.full_finetune import (
     build_optimizer, decoder_layers, format_group_table, freeze, is_norm, llrd_param_groups,
 )
 from techniques.sft import build_sft_trainer
+from tests.test_outputs import check_run_outputs
 from tests.tiny_model import make_tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -357,7 +358,7 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     model_dir = make_tiny_model_dir(tmp_path)
     summary = example.main([
         "--base_model_name", str(model_dir), "--output_dir", str(tmp_path / "run"), "--max_steps", "4",
-        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--llrd_decay", "0.5",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--llrd_decay", "0.5", "--logging_steps", "1",
     ])
     out = capsys.readouterr().out
     assert "=== before training ===" in out and "=== after training ===" in out
@@ -375,6 +376,17 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert len(changed) == len(list(base.parameters()))  # every weight trained
+
+    # Every LLRD group's learning rate is logged: the head at 1e-3, layer i of 2 at 1e-3 * 0.5 ** (2 - i)
+    # (the tiny model ties its embeddings into the head group), scaled by the schedule like group 0's.
+    groups = ("loss", "learning_rate/head", "learning_rate/model.layers.1", "learning_rate/model.layers.0")
+    rows = check_run_outputs(tmp_path / "run", final_dir, out, max_steps=4, technique="full fine-tuning (LLRD 0.5)",
+                             library="transformers", logged_keys=groups)
+    for row in (r for r in rows if "loss" in r):
+        lr = row["learning_rate"]
+        assert (row["learning_rate/head"], row["learning_rate/model.layers.1"], row["learning_rate/model.layers.0"]) == \
+            pytest.approx((lr, lr / 2, lr / 4))
+    assert max(r["learning_rate/model.layers.0"] for r in rows if "loss" in r) == pytest.approx(2.5e-4)
 
 
 @pytest.mark.slow

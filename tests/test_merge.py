@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -260,6 +261,10 @@ def test_qlora_dora_merge_reproduces_the_live_4bit_model(tiny_dir_64, tmp_path):
 def test_merge_adapter_cli_reads_base_and_template_from_the_adapter_folder(tmp_path, capsys):
     model_dir = make_tiny_model_dir(tmp_path, tie_word_embeddings=False)
     adapter_dir, live = make_adapter_dir(tmp_path, model_dir, "alpaca")
+    from runs.card import model_card
+    from techniques.lora import adapter_settings
+
+    model_card(adapter_settings(adapter_dir), "sft", {"eval_loss": (1.0, 0.5)}).save(adapter_dir / "README.md")
     expected = logits(live)
     diff = merge_adapter.main(["--adapter_dir", str(adapter_dir), "--output_dir", str(tmp_path / "merged")])
     assert "max |logit diff| vs the adapter model" in capsys.readouterr().out and diff <= 1e-4
@@ -267,6 +272,9 @@ def test_merge_adapter_cli_reads_base_and_template_from_the_adapter_folder(tmp_p
     assert (logits(merged) - expected).abs().max().item() <= 1e-4
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [2]
     assert json.loads((tmp_path / "merged" / "run_settings.json").read_text())["prompt_template"] == "alpaca"
+    card = ModelCard.load(tmp_path / "merged" / "README.md", ignore_metadata_errors=False)  # the card came along
+    assert card.data.library_name == "transformers" and "merged" in card.data.tags
+    assert "**Merged model**" in card.text and "| eval loss | 1.0000 | 0.5000 |" in card.text
     with pytest.raises(FileExistsError, match="not empty"):
         merge_adapter.main(["--adapter_dir", str(adapter_dir), "--output_dir", str(tmp_path / "merged")])
 
