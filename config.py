@@ -167,6 +167,10 @@ class TrainingSettings(BaseModel):
         "its final folder replaced at the end); otherwise such a folder is refused.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    group_by_length: bool = Field(
+        False, description="Batch training examples of similar length together (transformers' LengthGroupedSampler): "
+        "less padding computed; batches still come in random order.",
+    )
     peak_flops: float | None = Field(
         None, gt=0, description="Peak FLOP/s of one device for the MFU in the logs; empty = the GPU's datasheet "
         "figure, or a short matmul measurement on a CPU.",

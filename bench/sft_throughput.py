@@ -2,24 +2,27 @@
 
     python bench/sft_throughput.py             # every row and the scaling rows (2 CPU cores: ~30 min)
     python bench/sft_throughput.py --quick     # fewer steps, scaling at two lengths (2 CPU cores: < 5 min)
-    python bench/sft_throughput.py --rows c,d --steps 8   # some rows only (ratios need a and b)
+    python bench/sft_throughput.py --rows c,c:gc,c:bf16+grouped   # some rows only (ratios need a and b)
 
-Rows, each trained in a fresh process (so peak memory is its own) for `--warmup` + `--steps`
-optimizer steps on the default model with the Alpaca demo data (alpaca template, max_seq_length
-512, micro batch 8, LoRA r16 alpha 32 all-linear, the same learning rate everywhere):
+Rows, each trained in a fresh process (so peak memory is its own) for one epoch over the same
+`--examples` Alpaca demo records (a seeded shuffle of the file, the first K) on the default model
+(alpaca template, max_seq_length 512, micro batch 8, LoRA r16 alpha 32 all-linear, the same
+learning rate and seed everywhere):
 
     a  TRL SFTTrainer with its defaults: prompt/completion records, peft_config, use_cpu on a CPU
        (TRL then trains in bf16 autocast with gradient checkpointing)
     b  TRL at its best here: the fastest of its own options (packing / padding-free, gradient
        checkpointing off, bf16 or not, length-grouped batches); every variant tried is a row b:...
     c  our LoRA SFT with our defaults        d  our QLoRA        e  our full fine-tune (LLRD)
+    c:<levers>  our LoRA SFT with levers switched ("+"-separated; see LEVERS), e.g. c:gc, c:bf16+grouped
 
-Only the `--steps` steps after the warm-up are timed (the optimizer steps themselves: a callback
+Every step after the first `--warmup` ones is timed (the optimizer steps themselves: a callback
 clocks each one). Supervised tokens are counted from every batch the collator makes, the same way
 for every row; MFU uses `techniques.throughput` (FLOPs per token and peak FLOP/s of this machine).
-"loss" is the mean training loss per supervised token over the timed steps: speed must not come
-from training on fewer or other tokens, so `supervised_tokens` is printed too. The scaling rows
-time b (packed) and c (packed) at max_seq_length 256 ... 2048.
+"loss" is the mean training loss per supervised token over the whole epoch and `supervised_tokens`
+the epoch's count: every row trains on the same tokens, so speed cannot come from training on
+fewer or other ones. The scaling rows time b (packed) and c (packed) at max_seq_length 256 ... 2048
+over the whole demo file (packed rows are fewer: more examples keep several steps to time).
 
 Writes bench/results.json (rows with name, supervised_tokens_per_s, ratio_vs_trl_default,
 ratio_vs_trl_tuned, mfu, peak_mem_gib, loss, ...; the machine, threads and versions) and
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -56,6 +60,19 @@ TRL_VARIANTS = {
 }
 QUICK_TRL_VARIANT = "no-checkpointing,group_by_length"  # the fastest in full runs here (see the README)
 SCALING_LENGTHS = (256, 512, 1024, 2048)
+# Levers of our LoRA row, each switched on top of our defaults for a row "c:<lever>+<lever>": the
+# README's performance section says which won and became the default.
+LEVERS = {
+    "gc": ["--gradient_checkpointing", "true"],
+    "nogc": ["--gradient_checkpointing", "false"],
+    "dropout": ["--lora_dropout", "0.05"],
+    "nodropout": ["--lora_dropout", "0"],
+    "bf16": ["--mixed_precision", "bf16"],
+    "fp32": ["--mixed_precision", "no"],
+    "grouped": ["--group_by_length", "true"],
+    "random": ["--group_by_length", "false"],
+    "packing": ["--packing", "true"],
+}
 
 
 def main() -> None:
@@ -66,7 +83,7 @@ def main() -> None:
         return
     rows = args.rows.split(",") if args.rows else ["a", "b", "c", "d", "e"]
     if args.quick:
-        args.steps, args.warmup = min(args.steps, 3), 1
+        args.examples, args.warmup = min(args.examples, 32), 1
     specs = []
     for row in rows:
         if row == "b":
@@ -80,7 +97,7 @@ def main() -> None:
     results = [run_in_subprocess(spec, args) for spec in specs]
     table = summarize(results)
     print(format_table(table))
-    out = {"machine": machine(), "settings": {"steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+    out = {"machine": machine(), "settings": {"examples": args.examples, "warmup": args.warmup, "batch": args.batch,
                                               "max_seq_length": args.max_seq_length, "learning_rate": LEARNING_RATE,
                                               "lora": LORA, "data": str(DATA)},
            "rows": table}
@@ -93,8 +110,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, scaling at two lengths")
     parser.add_argument("--rows", default="", help="comma-separated rows (a,b,c,d,e); default all")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per row")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    parser.add_argument("--examples", type=int, default=64, help="records every row trains on (one epoch)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps at the start")
     parser.add_argument("--batch", type=int, default=8, help="micro batch size")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the scaling rows")
@@ -107,7 +124,7 @@ def parse_args() -> argparse.Namespace:
 def run_in_subprocess(spec: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        command = [sys.executable, __file__, "--worker", spec, "--json", str(out), "--steps", str(args.steps),
+        command = [sys.executable, __file__, "--worker", spec, "--json", str(out), "--examples", str(args.examples),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--max_seq_length", str(args.max_seq_length)]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -133,33 +150,54 @@ def run_row(spec: str, args: argparse.Namespace) -> dict:
     name, _, length = spec.partition("@")
     max_seq_length = int(length) if length else args.max_seq_length
     set_seed(0)
-    records = json.loads(DATA.read_text())
-    total_steps = args.warmup + args.steps
+    records = fitting_records(json.loads(DATA.read_text()), max_seq_length)
+    random.Random(0).shuffle(records)
+    # Packed rows hold ~3 examples each: the whole file keeps several steps to time.
+    records = records if length or "packing" in name else records[: args.examples]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_row(name, records, max_seq_length, total_steps, args.batch, Path(tmp))
+        trainer = build_row(name, records, max_seq_length, args.batch, Path(tmp))
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.train()
-    timed = slice(args.warmup, total_steps)
-    counts, seconds = counter.counts[timed], clock.seconds[timed]
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row][timed]
-    tokens, supervised, squared = (sum(c[i] for c in counts) for i in range(3))
+    counts = counter.counts
+    if len(counts) != len(clock.seconds):
+        raise RuntimeError(f"{len(counts)} batches collated for {len(clock.seconds)} steps: one batch per step expected")
+    warmup = min(args.warmup, len(counts) - 1)
+    timed, seconds = counts[warmup:], sum(clock.seconds[warmup:])
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    tokens, supervised, squared = (sum(c[i] for c in timed) for i in range(3))
+    epoch_supervised = sum(c[1] for c in counts)
     model = trainer.accelerator.unwrap_model(trainer.model)
     flops = throughput.flops_per_token(model).step_flops(tokens, supervised, squared)
     dtype = torch.bfloat16 if trainer.args.bf16 else torch.float32
     peak = throughput.peak_flops(trainer.args.device, dtype)
     return {
-        "name": spec, "max_seq_length": max_seq_length, "steps": len(seconds), "seconds": sum(seconds),
-        "tokens": tokens, "supervised_tokens": supervised,
-        "supervised_tokens_per_s": supervised / sum(seconds), "tokens_per_s": tokens / sum(seconds),
-        "mfu": flops / sum(seconds) / peak if peak else None, "matmul_dtype": str(dtype).removeprefix("torch."),
+        "name": spec, "max_seq_length": max_seq_length, "examples": len(records), "steps": len(counts),
+        "timed_steps": len(timed), "seconds": seconds, "tokens": tokens, "timed_supervised_tokens": supervised,
+        "supervised_tokens": epoch_supervised,
+        "supervised_tokens_per_s": supervised / seconds, "tokens_per_s": tokens / seconds,
+        "mfu": flops / seconds / peak if peak else None, "matmul_dtype": str(dtype).removeprefix("torch."),
         "peak_flops": peak, "peak_mem_gib": throughput.peak_memory_gib(trainer.args.device),
         "weight_bytes_per_param": weight_bytes_per_param(model),
-        "loss": sum(loss * c[1] for loss, c in zip(losses, counts, strict=True)) / supervised,
+        "loss": sum(loss * c[1] for loss, c in zip(losses, counts, strict=True)) / epoch_supervised,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
+
+
+def fitting_records(records: list[dict], max_seq_length: int) -> list[dict]:
+    """The records whose prompt + answer + eos fit in max_seq_length tokens: TRL would truncate a
+    longer one and we drop it (an answer is never cut), so only these train on the same tokens."""
+    from data.readers import to_messages
+    from data.templates import render
+    from models import load_tokenizer, resolve_model_path
+    from config import get_settings
+
+    settings = get_settings([], env_file=None)
+    tokenizer = load_tokenizer(settings, resolve_model_path(settings))
+    return [r for r in records
+            if len(tokenizer(render(to_messages(r), "alpaca", tokenizer))["input_ids"]) + 1 <= max_seq_length]
 
 
 class CountingCollator:
@@ -189,13 +227,13 @@ class StepClock(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def build_row(name: str, records: list[dict], max_seq_length: int, steps: int, batch: int, tmp: Path):
+def build_row(name: str, records: list[dict], max_seq_length: int, batch: int, tmp: Path):
     if name == "a" or name.startswith("b:"):
-        return trl_trainer(TRL_VARIANTS.get(name.partition(":")[2], {}), records, max_seq_length, steps, batch, tmp)
-    return our_trainer(name, records, max_seq_length, steps, batch, tmp)
+        return trl_trainer(TRL_VARIANTS.get(name.partition(":")[2], {}), records, max_seq_length, batch, tmp)
+    return our_trainer(name, records, max_seq_length, batch, tmp)
 
 
-def trl_trainer(variant: dict, records, max_seq_length, steps, batch, tmp):
+def trl_trainer(variant: dict, records, max_seq_length, batch, tmp):
     """TRL as its docs show it: prompt/completion records, a model, a LoRA peft_config."""
     import datasets
     import torch
@@ -216,14 +254,14 @@ def trl_trainer(variant: dict, records, max_seq_length, steps, batch, tmp):
         rows.append({"prompt": render(messages[:-1], "alpaca", tokenizer, add_generation_prompt=True),
                      "completion": messages[-1]["content"]})
     config = SFTConfig(output_dir=str(tmp), use_cpu=not torch.cuda.is_available(), max_length=max_seq_length,
-                       per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+                       per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LEARNING_RATE,
                        logging_steps=1, save_strategy="no", report_to="none", seed=0, **variant)
     return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
-def our_trainer(name: str, records, max_seq_length, steps, batch, tmp):
+def our_trainer(name: str, records, max_seq_length, batch, tmp):
     """Our recipe as the example scripts run it, with our defaults."""
     import torch
 
@@ -237,13 +275,18 @@ def our_trainer(name: str, records, max_seq_length, steps, batch, tmp):
 
     data_file = tmp / "data.json"
     data_file.write_text(json.dumps(records))
-    row, _, option = name.partition(":")
+    row, _, options = name.partition(":")
     flags = ["--dataset_path", str(data_file), "--eval_split_size", "0", "--max_seq_length", str(max_seq_length),
-             "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", "1",
+             "--per_device_train_batch_size", str(batch), "--num_train_epochs", "1", "--logging_steps", "1",
              "--output_dir", str(tmp / "out"), "--seed", "0", "--learning_rate", str(LEARNING_RATE if row != "e" else 5e-5),
              "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"])]
-    if option == "packing":
-        flags += ["--packing", "true"]
+    levers = list(filter(None, options.split("+")))
+    for lever in levers:
+        flags += LEVERS[lever]
+    if "bf16" in levers:  # lever study: CPU autocast in bf16, which resolve_precision turns off on a CPU
+        import techniques.training
+
+        techniques.training.resolve_precision = lambda settings, warn=True: "bf16"
     if row == "d":
         flags += ["--load_in_4bit", "true"]
     settings = get_settings(flags, env_file=None)

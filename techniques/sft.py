@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from config import Settings
 from techniques.checkpoints import AtomicCheckpointsMixin
+from techniques.head_loss import SupervisedHeadLossMixin
 from techniques.qlora import adapter_dtype_kept
 from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, RunLogMixin, trainer_arguments
@@ -53,8 +54,9 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     return SFTConfig(**args)
 
 
-class Trainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMixin, SFTTrainer):
-    """TRL's `SFTTrainer` with exact eval figures and DDP-safe training (`techniques.training`),
+class Trainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMixin, SupervisedHeadLossMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with the LM head on supervised positions only (`techniques.head_loss`),
+    exact eval figures and DDP-safe training (`techniques.training`),
     speed figures in every log (`techniques.throughput`), checkpoints written whole or not at all
     (`techniques.checkpoints`), and optionally an optimizer built by `optimizer_factory(model)`
     when the trainer needs one.
