@@ -82,7 +82,7 @@ class ModelSettings(BaseModel):
 class LoraSettings(BaseModel):
     lora_r: int = Field(16, ge=1, description="LoRA rank; higher learns more and costs more memory.")
     lora_alpha: float = Field(32, gt=0, allow_inf_nan=False, description="LoRA scale numerator: the update is (alpha / r) * B @ A.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1); 0 (the default) lets PEFT skip a copy of every adapted input (bench: 1.22x).")
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
         ["all-linear"],
         description="Comma-separated module names to adapt (q_proj,v_proj), or all-linear "
@@ -168,8 +168,8 @@ class TrainingSettings(BaseModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = Field(
-        False, description="Batch training examples of similar length together (transformers' LengthGroupedSampler): "
-        "less padding computed; batches still come in random order.",
+        True, description="SFT: batch training examples of similar length together (transformers' LengthGroupedSampler): "
+        "less padding computed, batches still in random order (bench: 1.49x); false = plain random batches.",
     )
     peak_flops: float | None = Field(
         None, gt=0, description="Peak FLOP/s of one device for the MFU in the logs; empty = the GPU's datasheet "

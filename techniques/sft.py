@@ -49,6 +49,9 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         packing=settings.packing,
         packing_strategy="bfd",  # whole examples only; "wrapped" would cut them across rows
         eval_packing=False,
+        # Length-grouped batches pad less (bench/: 1.49x on the Alpaca demo); packed rows are all
+        # about max_seq_length long, so grouping them changes nothing.
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
     )
     args.update(overrides)
     return SFTConfig(**args)

@@ -99,7 +99,6 @@ def trainer_arguments(settings: Settings) -> dict:
         report_to="none" if settings.report_to == ["none"] else list(settings.report_to),
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         # Every trainable weight gets a gradient each step (LoRA, full, DPO); searching the graph
         # for unused ones costs time every step and DDP warns about it.
         ddp_find_unused_parameters=False,

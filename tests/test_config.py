@@ -36,7 +36,7 @@ def test_precedence_defaults_dotenv_environment_flags(tmp_path, monkeypatch):
     assert s.lora_r == 4            # .env over default
     assert s.lora_alpha == 12       # environment over .env
     assert s.learning_rate == 0.003  # flag over environment
-    assert s.lora_dropout == 0.05   # default
+    assert s.lora_dropout == 0.0    # default
 
 
 def test_seed_env_names(monkeypatch):
