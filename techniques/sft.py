@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from datasets import DatasetDict
 from transformers import PreTrainedModel
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from config import Settings
@@ -78,6 +80,13 @@ class Trainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMix
         """Supervised tokens in the batch: targets of the next-token loss (labels[:, 1:] != -100)."""
         return int((inputs["labels"][:, 1:] != -100).sum())
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+        return sampler
+
     def create_optimizer(self, model=None):
         if self.optimizer_factory is None or self.optimizer is not None:
             return super().create_optimizer(model)
@@ -88,6 +97,29 @@ class Trainer(AtomicCheckpointsMixin, RunLogMixin, ThroughputMixin, ExactEvalMix
                              "configs/accelerate/fsdp2.yaml), DDP or DeepSpeed ZeRO; FSDP1 is not supported")
         self.optimizer = self.optimizer_factory(self.accelerator.unwrap_model(self.model if model is None else model))
         return self.optimizer
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' `LengthGroupedSampler` whose order in epoch e depends on `seed + e` alone.
+
+    The stock sampler draws from the global torch RNG when an epoch starts. A run resumed inside
+    epoch e restores the RNG state of its checkpoint step, not of the epoch's start, so it would
+    draw a different order and train other batches than the uninterrupted run (tests/test_resume.py);
+    under N processes every rank must draw the same order too. accelerate's `RandomSampler`
+    replacement (`SeedableRandomSampler`) solves the same problem the same way; the trainer and
+    accelerate call `set_epoch` before each epoch's iteration.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def build_sft_trainer(

@@ -27,11 +27,12 @@ sys.path[:0] = [str(REPO), str(REPO / "examples")]
 
 STEPS, STOP_AT = 12, 8
 # The SFT data: 40 records, 8 per optimizer step (4 micro x 2 accumulation) = 5 steps per epoch,
-# so step 8 lies inside the second epoch and step 12 inside the third.
+# so step 8 lies inside the second epoch and step 12 inside the third. Batches are length-grouped
+# (GROUP_BY_LENGTH, the default), whose order per epoch must not depend on the RNG state at resume.
 SFT_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_split_size", "0"]
 SCENARIOS = {
-    "lora": ("finetune_llm_lora", SFT_FLAGS + ["--save_total_limit", "2"]),
-    "qlora": ("finetune_llm_lora", SFT_FLAGS + ["--load_in_4bit", "true"]),
+    "lora": ("finetune_llm_lora", SFT_FLAGS + ["--save_total_limit", "2", "--lora_dropout", "0.05"]),
+    "qlora": ("finetune_llm_lora", SFT_FLAGS + ["--load_in_4bit", "true", "--lora_dropout", "0.05"]),
     "full": ("full_finetune", SFT_FLAGS + ["--learning_rate", "1e-3", "--llrd_decay", "0.8", "--weight_decay", "0.01"]),
     # continues lora's trained adapter: the reference is TRL's frozen copy of it ("ref"), not the base
     "dpo": ("dpo", ["--per_device_train_batch_size", "2", "--eval_split_size", "0", "--beta", "0.5"]),

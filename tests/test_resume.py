@@ -5,8 +5,8 @@ optimizer groups, weight decay) and DPO (continuing an SFT adapter, so its refer
 frozen copy of it): run A for 12 optimizer steps, and run B, which receives a real SIGTERM during
 step 8, saves checkpoint-8, stops and prints its resume command. A second process (fresh: nothing
 in memory) runs that command. The SFT runs take 4 micro batches x 2 accumulation from 40 records,
-5 steps per epoch: the resume point lies inside the second epoch. LoRA dropout stays on (0.05),
-so the restored RNG state matters too. Compared: the example ids of every micro batch of steps
+5 steps per epoch: the resume point lies inside the second epoch. Batches are length-grouped (the
+default), and LoRA dropout is on (0.05), so the restored RNG state matters too. Compared: the example ids of every micro batch of steps
 9-12, every optimizer group's LR at steps 9-12, the optimizer and scheduler state the resumed run
 starts from against A's at step 8, the final trainable weights (atol 1e-6; they come out bit-equal),
 and for DPO the reference adapter and the logged rewards.
