@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: repo modules first
+import runs  # noqa: E402, F401  (before any library: quietens bitsandbytes' import-time kernel warning)
 
 import torch  # noqa: E402
 
@@ -42,7 +42,7 @@ from data.readers import read_tools  # noqa: E402
 from data.tools import parse_tool_calls  # noqa: E402
 from inference import generate_replies, generation_stop_ids, load_adapter_model, stream_reply  # noqa: E402
 from models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from runs import cli  # noqa: E402
+from runs import cli, processes  # noqa: E402
 from techniques.lora import adapter_settings  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> list[list[dict]
     """Run the chat; returns every conversation held (the messages, replies included)."""
     args = parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    processes.setup_logging()  # as the training scripts: no PEFT FutureWarning, no redrawn bars off a terminal
 
     # 1. Model, tokenizer, and the template + system prompt it was trained with.
     model, tokenizer, template, system_prompt = load_chat_model(args)

@@ -21,18 +21,19 @@ and the training chat template beside it, `<name>.jinja`: a GGUF adapter carries
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: repo modules first
+import runs  # noqa: E402, F401  (before any library: quietens bitsandbytes' import-time kernel warning)
 
 from export import K_QUANTS, OUTTYPES, GGUFExport, export_gguf, export_lora_gguf  # noqa: E402
+from runs import processes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> GGUFExport:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    processes.setup_logging()  # as the training scripts: INFO lines, no redrawn bars off a terminal
     if args.output is not None and args.output.exists():  # fail before fetching or merging anything
         raise SystemExit(f"{args.output} exists; choose a new --output")
     if args.lora:

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: repo modules first
+import runs  # noqa: E402, F401  (before any library: quietens bitsandbytes' import-time kernel warning)
 
 import torch  # noqa: E402
 

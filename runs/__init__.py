@@ -19,3 +19,12 @@ processes this package keeps the rank discipline the scripts rely on, through ac
 Modules: `runs.processes` (rank discipline), `runs.measure` (numbers before and after training),
 `runs.outputs` (what a run leaves in its output_dir).
 """
+
+import logging
+
+# bitsandbytes 0.50, imported by peft on every run (4-bit or not, `--help` included), looks for a
+# faster 4-bit CPU kernel in the optional `kernels` package on CPUs with AVX512-BF16 and logs
+# "Failed to load CPU gemm_4bit_forward from kernels-community" when it is missing; it falls back to
+# its own kernels, so the line is noise. Only that logger is quietened (its errors still show), and
+# before bitsandbytes is imported: each example imports this package before any library for that.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

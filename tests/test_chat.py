@@ -3,6 +3,7 @@ chat example (adapter folder, merged folder, one-shot, interactive) on tiny rand
 
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +151,17 @@ def test_chat_offers_the_tools_file_and_shows_a_tool_call(tmp_path):
     [conversation] = chat.main(argv, stdin=stdin, out=io.StringIO())
     assert [m["role"] for m in conversation] == ["user", "assistant", "tool", "assistant"]
     assert conversation[2]["content"] == '{"shelf": "B12"}'
+
+
+def test_chat_prints_no_future_warning_and_no_redrawn_bar_into_a_pipe(tmp_path):
+    """chat.py sets up logging as the training scripts do (runs.processes.setup_logging): PEFT's
+    call of transformers' deprecated `is_gradient_checkpointing` warns no more, and off a terminal
+    the "Loading weights" bar is off instead of redrawn with carriage returns."""
+    model_dir = make_tiny_model_dir(tmp_path, tie_word_embeddings=False)
+    adapter_dir, _ = make_adapter_dir(tmp_path, model_dir, "alpaca")
+    script = Path(__file__).resolve().parents[1] / "examples" / "chat.py"
+    result = subprocess.run([sys.executable, str(script), "--adapter_dir", str(adapter_dir), "--prompt", "hi",
+                             "--max_new_tokens", "4"], capture_output=True, timeout=300)  # bytes: text mode turns \r into \n
+    stdout, stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+    assert result.returncode == 0 and "assistant> " in stdout, stderr
+    assert "FutureWarning" not in stderr and "\r" not in stderr, stderr

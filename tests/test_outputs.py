@@ -5,6 +5,8 @@ test_full_finetune.py, test_dpo.py), so each technique's files are checked witho
 """
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -127,6 +129,17 @@ def test_peft_deprecation_warning_is_filtered_by_setup_logging(tmp_path):
         setup_logging()
         apply_lora(make_model(make_tokenizer("chatml")), settings)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_help_is_not_preceded_by_the_bitsandbytes_kernel_warning():
+    """bitsandbytes 0.50 logs "Failed to load CPU gemm_4bit_forward from kernels-community" when peft
+    imports it on an AVX512-BF16 CPU (harmless: it falls back to its own kernels); runs/__init__.py
+    quietens that logger before any example imports a library. (A CPU without AVX512-BF16 never
+    logs it: there this test cannot fail.)"""
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_llm_lora.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert "gemm_4bit_forward" not in result.stderr and "kernels" not in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------- trackers
