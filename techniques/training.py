@@ -165,15 +165,27 @@ def group_learning_rates(param_groups: list[dict], logged_lr: float) -> dict[str
 def format_log_line(logs: dict, step: int, max_steps: int) -> str:
     """One log event as one line: `step 5/39 | loss 5.921 | grad_norm 0.252 | learning_rate 0.001 | ...`.
 
-    Numbers get 4 significant digits; per-group learning rates (`learning_rate/...`, possibly
-    dozens with LLRD) are left to metrics.jsonl, the trackers and loss.png.
+    Numbers as `format_number` writes them; per-group learning rates (`learning_rate/...`,
+    possibly dozens with LLRD) are left to metrics.jsonl, the trackers and loss.png.
     """
     parts = [f"step {step}/{max_steps}"]
     for key, value in logs.items():
         if key.startswith("learning_rate/") or key == "total_flos":
             continue
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        parts.append(f"{key} {format_number(value)}")
     return " | ".join(parts)
+
+
+def format_number(value) -> str:
+    """A logged number for a reader: counts (ints, and whole floats such as TRL's `num_tokens`)
+    with thousands separators, `10,316`; other floats with 4 significant digits, `5.959`,
+    `9.549e-05`, and from 10,000 up as whole numbers, `14,254` (`.4g` would write `1.425e+04`).
+    Anything else (None, a bool, a string) as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 class StepLines(ProgressCallback):

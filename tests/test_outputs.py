@@ -99,9 +99,13 @@ def test_group_learning_rates_follow_the_schedule_per_named_group():
 
 
 def test_a_log_event_is_one_line():
-    line = format_log_line({"loss": 5.95912, "grad_norm": 0.2381, "learning_rate": 0.001, "learning_rate/head": 1e-3,
-                            "num_tokens": 1332.0, "epoch": 0.0769}, step=1, max_steps=4)
-    assert line == "step 1/4 | loss 5.959 | grad_norm 0.2381 | learning_rate 0.001 | num_tokens 1332 | epoch 0.0769"
+    line = format_log_line({"loss": 5.95912, "grad_norm": 0.2381, "learning_rate": 9.5492e-05, "learning_rate/head": 1e-3,
+                            "tokens_per_s": 14253.71, "supervised_tokens_per_s": 4176.8, "mfu": 0.071843,
+                            "num_tokens": 10316.0, "eval_weight": 12526, "epoch": 1.0, "peak_mem_gib": None},
+                           step=1, max_steps=4)
+    assert line == ("step 1/4 | loss 5.959 | grad_norm 0.2381 | learning_rate 9.549e-05 | tokens_per_s 14,254"
+                    " | supervised_tokens_per_s 4177 | mfu 0.07184 | num_tokens 10,316 | eval_weight 12,526 | epoch 1"
+                    " | peak_mem_gib None")
 
 
 def test_trainer_arguments_use_current_names_without_future_warnings(tmp_path):
