@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_loss = trainer.train(resume_from_checkpoint=guard.resume_from).training_loss
     guard.raise_if_stopped(trainer)
     train_seconds = time.perf_counter() - train_start
-    after = {**(trainer.evaluate() if eval_split is not None else {}),
+    after = {**(measure.final_eval(trainer) if eval_split is not None else {}),  # the last step's eval, if it ran
              **held_out_preference(policy, eval_split, tokenizer, settings, trainer)}
     print_measurement("after training", after)
 

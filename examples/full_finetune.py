@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train(resume_from_checkpoint=guard.resume_from)
     guard.raise_if_stopped(trainer)
     train_seconds = time.perf_counter() - train_start
-    metrics_after = trainer.evaluate() if "eval" in datasets else {}
+    metrics_after = measure.final_eval(trainer) if "eval" in datasets else {}  # the last step's eval, if it ran
     answers_after = measure.held_out_answers(model, tokenizer, held_out, settings.prompt_template, trainer,
                                              max_length=settings.max_seq_length)
     print_measurement("after training", metrics_after, answers_after, held_out)

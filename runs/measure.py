@@ -1,4 +1,4 @@
-"""The numbers an example prints before and after training: held-out answers, the first eval."""
+"""The numbers an example prints before and after training: held-out answers, the first and final evals."""
 
 from __future__ import annotations
 
@@ -53,6 +53,22 @@ def held_out_answers(model, tokenizer, held_out: list[tuple[list[dict], list[dic
 def first_eval(trainer) -> dict:
     """The metrics of the evaluation before the first step (`eval_on_start`), or {}."""
     return next((e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == 0), {})
+
+
+def final_eval(trainer) -> dict:
+    """The eval metrics of the trained model: those of the trainer's own evaluation at the last
+    step when it ran one (EVAL_STEPS divides the step count), else a new `trainer.evaluate()`.
+
+    Both cover `trainer.eval_dataset` (a key `eval_loss`, not `eval_<name>_loss` of a named set)
+    with the same final weights, so evaluating again would only print the same line twice and log
+    a second eval row at that step in metrics.jsonl and TensorBoard. Every process holds the same
+    log history, so all of them skip the collective `evaluate()` together.
+    """
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if last is not None and state.global_step > 0 and last["step"] == state.global_step:
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()
 
 
 class OnFirstEvaluate(TrainerCallback):

@@ -44,6 +44,7 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     summary = finetune_llm_lora.main([
         "--base_model_name", str(model_dir), "--output_dir", str(tmp_path / "run"),
         "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--eval_steps", "2",  # divides max_steps: the eval at step 4 is the "after training" one, run once
     ])
     out = capsys.readouterr().out
     assert "=== before training ===" in out and "=== after training ===" in out
@@ -53,7 +54,7 @@ def test_example_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert len(summary["answers_before"]) == len(summary["answers_after"]) == 4
     check_saved_run(Path(summary["final_dir"]), model_dir, expected_stop_ids=[2])
     check_run_outputs(tmp_path / "run", Path(summary["final_dir"]), out, max_steps=4, technique="LoRA", library="peft",
-                      logged_keys=("loss", "grad_norm", "learning_rate", "num_tokens"))
+                      logged_keys=("loss", "grad_norm", "learning_rate", "num_tokens"), eval_steps=2)
     run_readme_after_training_snippets(Path(summary["final_dir"]), tmp_path / "merged-model")
 
 

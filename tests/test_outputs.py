@@ -28,10 +28,12 @@ def clean_env(monkeypatch):
 
 
 def check_run_outputs(output_dir: Path, final_dir: Path, stdout: str, *, max_steps: int, logged_keys=("loss",),
-                      technique: str, library: str, template: str = "alpaca") -> dict:
+                      technique: str, library: str, template: str = "alpaca", eval_steps: int = 0) -> dict:
     """Assert every output of a finished run exists and parses; returns the metrics.jsonl rows.
 
-    One metrics.jsonl row per logging step (the runs log every step) with `logged_keys`; a
+    One metrics.jsonl row per logging step (the runs log every step) with `logged_keys`; one eval
+    row before training, every `eval_steps` and after training, printed once each (when the trainer
+    evaluated at the last step, the script reuses that evaluation instead of running it again); a
     loss.png of the size its panels need; JSON files that load; TensorBoard events holding the
     same train losses and the eval losses; a model card that parses without metadata errors and
     names base model, technique and template; one printed line per logging step and the summary block.
@@ -42,7 +44,9 @@ def check_run_outputs(output_dir: Path, final_dir: Path, stdout: str, *, max_ste
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, max_steps + 1))
     assert all(key in r for r in train for key in logged_keys), logged_keys
-    assert [r["step"] for r in rows if "eval_loss" in r] == [0, max_steps]  # before (eval_on_start) and after
+    eval_steps_expected = [0, *(range(eval_steps, max_steps, eval_steps) if eval_steps else ()), max_steps]  # before, during, after
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == eval_steps_expected
 
     with Image.open(output_dir / "loss.png") as png:
         png.load()
@@ -52,7 +56,7 @@ def check_run_outputs(output_dir: Path, final_dir: Path, stdout: str, *, max_ste
     assert "hf_token" not in saved and saved["output_dir"] == str(output_dir)
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["steps"] == max_steps and summary["final_dir"] == str(final_dir)
-    assert summary["results"]["eval_loss"]["after"] == rows[-1]["eval_loss"]
+    assert summary["results"]["eval_loss"]["after"] == evals[-1]["eval_loss"]
     assert summary["results"]["eval_loss"]["before"] == rows[0]["eval_loss"]
     end = next(r for r in rows if "train_runtime" in r)
     assert summary["tokens_seen"] == end.get("num_tokens", train[-1]["num_tokens"]) >= train[-1]["num_tokens"] > 0
@@ -66,7 +70,7 @@ def check_run_outputs(output_dir: Path, final_dir: Path, stdout: str, *, max_ste
     events.Reload()
     tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert tb_loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
-    assert [e.step for e in events.Scalars("eval/loss")] == [0, max_steps]
+    assert [e.step for e in events.Scalars("eval/loss")] == eval_steps_expected
     assert {f"train/{key}" for key in logged_keys} <= set(events.Tags()["scalars"])
 
     model_card = ModelCard.load(final_dir / "README.md", ignore_metadata_errors=False)  # raises on bad metadata
@@ -77,6 +81,8 @@ def check_run_outputs(output_dir: Path, final_dir: Path, stdout: str, *, max_ste
 
     step_lines = [line for line in stdout.splitlines() if line.startswith("step ") and " | loss " in line]
     assert [line.split(" | ")[0] for line in step_lines] == [f"step {i}/{max_steps}" for i in range(1, max_steps + 1)]
+    eval_lines = [line.split(" | ")[0] for line in stdout.splitlines() if line.startswith("step ") and " | eval_loss " in line]
+    assert eval_lines == [f"step {i}/{max_steps}" for i in eval_steps_expected]
     assert "\r" not in stdout and "=== run summary ===" in stdout and "chat:" in stdout and "export:" in stdout
     return rows
 
