@@ -32,7 +32,10 @@ SCENARIOS = {
     "full": ("full_finetune", ["--learning_rate", "1e-3", "--llrd_decay", "0.8"]),
     "dpo": ("dpo", ["--dpo_dataset_path", str(REPO / "data/preference_demo.jsonl")]),
 }
-STEPS = 3
+# 4 steps without warmup: every logged loss after the first follows an optimizer update at a
+# nonzero learning rate (with the default fractional warmup step 1 ran at LR 0, and DPO's first
+# two losses were both ln 2), so the 1- vs 2-process comparison covers three real updates.
+STEPS = 4
 
 
 def sigterm_rank_1_at(module, step: int) -> None:
@@ -67,7 +70,7 @@ def main(model_dir: str, out_dir: str, micro_batch: str, only: list[str]) -> Non
             argv = [
                 "--base_model_name", model_dir, "--output_dir", str(run_dir),
                 "--dataset_path", str(REPO / "data/identity_demo.jsonl"),
-                "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "2",
+                "--max_steps", str(STEPS), "--warmup_steps", "0", "--logging_steps", "1", "--eval_steps", "2",
                 "--per_device_train_batch_size", micro_batch, "--per_device_eval_batch_size", "3",
                 "--lora_dropout", "0", "--gradient_checkpointing", checkpointing, *flags,
             ]

@@ -2,11 +2,13 @@
 process at the same global batch, step for step.
 
 tests/ddp_scenarios.py runs LoRA, QLoRA, full fine-tuning (LLRD) and DPO, each with and without
-gradient checkpointing, for 3 steps with an evaluation before the first step, at step 2 and at
-the end: once as one process with micro batch 8, once under `torchrun --nproc_per_node 2` with
-micro batch 4. The ranks must average their gradients (the model wrapped in DDP), so per-step
-losses and final weights agree to float rounding; eval figures are exact over the eval set on
-any number of processes; and only the main process prints.
+gradient checkpointing, for 4 steps without warmup (so steps 2-4 follow real updates) with an
+evaluation before the first step, at step 2 and at the end: once as one process with micro
+batch 8, once under `torchrun --nproc_per_node 2` with micro batch 4. The ranks must average
+their gradients (the model wrapped in DDP), so per-step losses and final weights agree to float
+rounding; eval figures are exact over the eval set on any number of processes; and only the main
+process prints. The per-step losses of both launches, side by side, and the largest final weight
+difference land in <pytest tmp>/ddp0/losses.md, which the run prints.
 """
 
 from __future__ import annotations
@@ -49,7 +51,41 @@ def runs_dir(tmp_path_factory):
     launch([sys.executable, script, model_dir, str(root / "one"), "8"], root / "one.log")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     (root / "two.stdout").write_text(launch(torchrun + [script, model_dir, str(root / "two"), "4"], root / "two.log"))
+    # Written before any comparison runs, so the numbers are there to read when one fails.
+    (root / "losses.md").write_text(loss_table(root))
     return root
+
+
+def step_losses(run: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, learning rate) of every logged training step."""
+    return [(row["step"], row["loss"], row["learning_rate"]) for row in logged(run) if "loss" in row]
+
+
+def weight_difference(runs: Path, scenario: str) -> float:
+    """Largest |1-process - 2-process| over the final trainable weights."""
+    one, two = trainable_weights(runs / "one" / scenario, scenario), trainable_weights(runs / "two" / scenario, scenario)
+    return max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+
+
+def loss_table(runs: Path) -> str:
+    """Markdown: every scenario's per-step loss as 1 and 2 processes, the LR the step's update
+    used, and the largest final weight difference; a scenario that did not finish shows "-"."""
+    lines = ["| scenario | step | lr | loss, 1 process | loss, 2 processes | abs diff |", "|---|---|---|---|---|---|"]
+    worst = ["", "| scenario | max abs final weight diff |", "|---|---|"]
+    for scenario in RUNS:
+        try:
+            one, two = step_losses(runs / "one" / scenario), {step: loss for step, loss, _ in step_losses(runs / "two" / scenario)}
+        except FileNotFoundError:
+            lines.append(f"| {scenario} | - | - | - | - | - |")
+            continue
+        for step, loss, lr in one:
+            diff = f"{abs(loss - two[step]):.1e}" if step in two else "-"
+            lines.append(f"| {scenario} | {step} | {lr:.2g} | {loss:.8f} | {two.get(step, float('nan')):.8f} | {diff} |")
+        try:
+            worst.append(f"| {scenario} | {weight_difference(runs, scenario):.1e} |")
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            worst.append(f"| {scenario} | - ({type(exc).__name__}) |")
+    return "\n".join(lines + worst) + "\n"
 
 
 def logged(run: Path) -> list[dict]:
@@ -76,8 +112,18 @@ def test_two_processes_train_the_one_process_model(runs_dir, scenario):
 
     weights_one, weights_two = trainable_weights(one, scenario), trainable_weights(two, scenario)
     assert weights_one.keys() == weights_two.keys() and weights_one
-    worst = max((weights_one[k].float() - weights_two[k].float()).abs().max().item() for k in weights_one)
-    assert worst <= TOLERANCE
+    assert weight_difference(runs_dir, scenario) <= TOLERANCE
+
+
+def test_the_loss_table_covers_every_scenario_and_step(runs_dir, capsys):
+    """losses.md, the side-by-side numbers a note on this test can quote, is complete; it is
+    printed past pytest's capture so a CI log shows it."""
+    table = (runs_dir / "losses.md").read_text()
+    for scenario in RUNS:
+        assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith(f"| {scenario} | ")][:STEPS] \
+            == [str(step) for step in range(1, STEPS + 1)]
+    with capsys.disabled():
+        print(f"\n1 vs 2 processes, global batch 8 ({runs_dir / 'losses.md'}):\n{table}")
 
 
 @pytest.mark.parametrize("scenario", RUNS)
@@ -119,7 +165,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_printed_command_resu
     assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= TOLERANCE
     losses = [(row["step"], row["loss"]) for row in logged(run) if "loss" in row]
     expected = [(row["step"], row["loss"]) for row in logged(runs_dir / "two" / "lora") if "loss" in row]
-    assert [s for s, _ in losses] == [1, 2, 3] and all(abs(a[1] - b[1]) <= TOLERANCE for a, b in zip(losses, expected, strict=True))
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1)) and all(abs(a[1] - b[1]) <= TOLERANCE for a, b in zip(losses, expected, strict=True))
 
 
 def test_only_the_main_process_prints_and_held_out_answers_are_generated(runs_dir):
