@@ -8,6 +8,8 @@
     python examples/dpo.py --dpo_dataset_path ../shared/datasets/llamafactory/dpo_en_demo.json --max_length 1024
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/dpo.py   # DDP, 2 GPUs
     torchrun --nproc_per_node 2 examples/dpo.py                 # DDP on 2 CPU processes (gloo)
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/dpo.py       # FSDP2, LoRA policy
+    accelerate launch --config_file configs/accelerate/zero3.yaml examples/dpo.py --dpo_policy full --learning_rate 5e-6   # ZeRO-3
 
 The default run teaches SmolLM2-135M-Instruct the preference in `data/preference_demo.jsonl`:
 direct answers over answers padded with filler ("Great question! ... Hope this helps!"). It
@@ -17,6 +19,13 @@ chosen answer a higher average log-probability per token than the rejected one, 
 trained on. The adapter, tokenizer, settings and model card land in `<output_dir>/final`; TRL's
 rewards and margins are logged at every logging step (TensorBoard, metrics.jsonl, loss.png), and
 the run ends with a summary block (runs/outputs.py).
+
+Under FSDP2 and DeepSpeed ZeRO the script is the same: the trainer shards the policy when training
+starts; a full policy's frozen reference is sharded by TRL's DPOTrainer the same way, a LoRA
+policy needs none (its reference is the adapter switched off); the final folder goes through the
+trainer's collective save. The held-out preference needs the whole policy on one process, so
+after training under FSDP or ZeRO-3 the run prints why it is skipped. Only DDP was run here
+(2 CPU processes, tests/test_distributed.py); the FSDP and ZeRO launches above were not (no GPUs).
 """
 
 from __future__ import annotations
@@ -95,14 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
     model_card = card.model_card(settings, "dpo", results, tokenizer=tokenizer, model_path=model_path,
                                  sections=SECTIONS, numbers={"preference pairs": pairs, "reference": reference_of(settings, policy)})
     final_dir = outputs.save_final(trainer, tokenizer, settings, Path(settings.output_dir) / "final", model_card)
+    skipped = {"held_out_skipped": after["held_out_skipped"]} if "held_out_skipped" in after else {}  # FSDP, ZeRO-3
     summary = {
         "train_pairs": len(splits["train"]), "eval_pairs": len(eval_split) if eval_split is not None else 0,
         "train_loss": train_loss, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start,
         "final_dir": str(final_dir), **processes.describe_processes(trainer),
         **{f"{key}_before": before.get(metric) for key, metric in SUMMARY_METRICS.items()},
-        **{f"{key}_after": after.get(metric) for key, metric in SUMMARY_METRICS.items()},
+        **{f"{key}_after": after.get(metric) for key, metric in SUMMARY_METRICS.items()}, **skipped,
     }
-    outputs.finish_run(trainer, settings, "dpo", final_dir, results, start)
+    outputs.finish_run(trainer, settings, "dpo", final_dir, results, start, extra=skipped)
     return summary
 
 
@@ -117,11 +127,19 @@ SUMMARY_METRICS = {
 def held_out_preference(policy, eval_split, tokenizer, settings: Settings, trainer=None) -> dict:
     """The policy's own preference on the held-out pairs, on the main process: chosen wins when its
     mean log-prob per answer token is higher (per token, so that answer length alone cannot decide
-    it); also by summed log-prob. Empty without eval pairs, on other processes, and when the
-    trainer has sharded the weights (FSDP, ZeRO-3)."""
-    if eval_split is None or len(eval_split) == 0 or not processes.is_main():
+    it); also by summed log-prob. Empty without eval pairs and on other processes.
+
+    Pass the `trainer` after training: when it has sharded the weights (FSDP, ZeRO-3) no single
+    process holds the policy, and {"held_out_skipped": the reason} comes back instead (as
+    `runs.measure.held_out_answers` does for SFT), so the run says why the figure is missing.
+    """
+    if eval_split is None or len(eval_split) == 0:
         return {}
-    if trainer is not None and processes.sharded_weights(trainer):
+    reason = processes.sharded_weights(trainer) if trainer is not None else None
+    if reason:
+        return {"held_out_skipped": f"held-out preference skipped: {reason}; score the saved folder on one process "
+                                    "(techniques.dpo.pair_log_probs, preference_accuracy)"}
+    if not processes.is_main():
         return {}
     chosen, rejected = pair_log_probs(policy, eval_split, tokenizer.pad_token_id, settings.per_device_eval_batch_size)
     return {"held_out_accuracy": preference_accuracy(chosen, rejected, eval_split),
@@ -167,6 +185,8 @@ def print_measurement(title: str, result: dict) -> None:
     if "held_out_accuracy" in result:
         lines.append(f"held-out preference accuracy {result['held_out_accuracy']:.3f} (mean log-prob per answer "
                      f"token; by summed log-prob {result['held_out_accuracy_sum_logp']:.3f})")
+    if "held_out_skipped" in result:  # the reason there is no accuracy
+        lines.append(result["held_out_skipped"])
     processes.say(*lines)
 
 
