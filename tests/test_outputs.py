@@ -178,15 +178,33 @@ def test_a_missing_tracker_package_is_named_with_its_install_command(monkeypatch
 # ---------------------------------------------------------------- loss.png
 
 
-def test_loss_plot_has_a_panel_per_logged_number(tmp_path):
-    rows = [{"step": 0, "eval_loss": 4.4}] + [
+def test_loss_plot_has_a_panel_per_logged_number(tmp_path, monkeypatch):
+    layers = (10, 2, 0)  # as techniques.full_finetune orders its groups: head, top layer down, embeddings
+    rows = [{"step": 0, "eval_loss": 4.4, "eval_num_tokens": 0.0}] + [
         {"step": s, "loss": 5 - s / 4, "grad_norm": 1 / s, "learning_rate": 1e-3 * s / 4, "learning_rate/head": 1e-3 * s / 4,
-         "learning_rate/model.layers.0": 5e-4 * s / 4, "tokens_per_second": 100.0 * s} for s in range(1, 5)
-    ] + [{"step": 4, "eval_loss": 0.3}, {"step": 4, "train_runtime": 12.0, "train_loss": 4.4}]
-    assert plots.extra_keys(rows) == ["grad_norm", "tokens_per_second"]  # a new number needs no code
+         **{f"learning_rate/model.layers.{i}": 1e-4 * (i + 1) * s / 4 for i in layers}, "learning_rate/embeddings": 5e-5 * s / 4,
+         "num_tokens": 100.0 * s, "tokens_per_s": 1000.0, "tokens_per_second": 100.0 * s} for s in range(1, 5)
+    ] + [{"step": 4, "eval_loss": 0.3, "eval_num_tokens": 400.0}, {"step": 4, "train_runtime": 12.0, "train_loss": 4.4}]
+    assert plots.extra_keys(rows) == ["grad_norm", "num_tokens", "tokens_per_s", "tokens_per_second"]  # a new number needs no code
+    figures, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look at what was drawn
     size = plots.plot_metrics(rows, tmp_path / "loss.png", "test")
     with Image.open(tmp_path / "loss.png") as png:
-        assert png.size == size == (1500, 760)
+        assert png.size == size == (1500, 1060)
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert list(axes) == ["loss", "learning rate, 5 LLRD groups", "gradient norm", "tokens seen", "throughput, all tokens",
+                          "tokens per second"]
+    lr = axes["learning rate, 5 LLRD groups"]
+    assert lr.get_ylabel() == "learning rate"
+    # bottom to top, layers by number (a string sort puts layers.10 before layers.2)
+    assert [line.get_ydata()[-1] for line in lr.get_lines()] == pytest.approx([5e-5, 1e-4, 3e-4, 1.1e-3, 1e-3])
+    luminance = [0.2126 * r + 0.7152 * g + 0.0722 * b for r, g, b, _ in (line.get_color() for line in lr.get_lines())]
+    assert max(luminance) < 0.75  # no near-white or yellow end on white paper (viridis' last colour: 0.87)
+    assert [t.get_text() for t in lr.get_legend().get_texts()] == ["embeddings", "model.layers.0", "model.layers.2",
+                                                                  "model.layers.10", "head"]
+    assert axes["throughput, all tokens"].get_ylabel() == "tokens/s, all processes"
+    assert len(axes["tokens seen"].get_lines()) == 1  # TRL's eval_num_tokens is the train count: no eval line
+    close(figures[0])
     assert plots.loss_label(rows) == "cross-entropy (nats per supervised token)"
     assert plots.loss_label([{"step": 1, "loss": 0.69, "rewards/margins": 0.0}]) == "DPO loss (nats per pair)"
     with pytest.raises(ValueError, match="no loss"):
