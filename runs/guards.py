@@ -23,7 +23,9 @@ Its `callbacks` go to the trainer:
   `Diverged` naming the step, the value and the last good checkpoint, and the example never
   reaches its final save. Under fp16 mixed precision the gradient check is off (the loss
   scaler skips overflowing steps by design) and the loss check remains; under DeepSpeed the
-  gradients are not on the parameters, so only the loss check applies.
+  gradients are not on the parameters, so only the loss check applies. The loss check alone
+  comes after the bad update (and its checkpoint): only checkpoints before the last finite loss
+  count as good, and the message names the later ones.
 
 Only the main process prints; every process runs the same checks, so all raise the same error.
 """
@@ -43,7 +45,8 @@ from transformers import TrainerCallback
 
 from config import SECRET_FIELDS, Settings, resolve_precision
 from runs.processes import is_main, process_state, say
-from techniques.checkpoints import STAGING_DIR, complete_checkpoints, incomplete_checkpoints, is_complete_checkpoint
+from techniques.checkpoints import (STAGING_DIR, checkpoint_step, complete_checkpoints, incomplete_checkpoints,
+                                   is_complete_checkpoint)
 
 FINAL_DIRS = ("final", "final-full")  # what the examples save at the end (LoRA / DPO, full fine-tuning)
 
@@ -102,12 +105,15 @@ class RunGuard:
         (not for a signal during the last step: training is complete, the example saves as usual)."""
         output_dir = Path(self.settings.output_dir)
         if self.divergence.step is not None:
-            last = complete_checkpoints(output_dir)
+            last = self.divergence.good_checkpoints(output_dir, trainer.state.log_history)
+            broken = [p.name for p in complete_checkpoints(output_dir) if p not in last]
             good = (f"last good checkpoint: {last[-1]} (resume from it with a lower learning rate: "
                     f"{self.command(last[-1])} --learning_rate ...)" if last
                     else "no checkpoint was saved before it (SAVE_STEPS=N keeps one every N steps)")
+            good += f"\nsaved after the last finite loss, so not good: {', '.join(broken)}" if broken else ""
+            skipped = "The step was not applied and nothing" if self.divergence.grad_norm is not None else "Nothing"
             raise Diverged(f"training diverged at step {self.divergence.step}: {self.divergence.describe()}. "
-                           f"The step was not applied and nothing was saved as final.\n{good}")
+                           f"{skipped} was saved as final.\n{good}")
         if self.signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             # (a signal during the last step: training is complete, so the final folder is still written)
             name = signal.Signals(self.signals.signum).name
@@ -293,6 +299,17 @@ class StopOnDivergence(TrainerCallback):
         parts = [f"gradient norm {self.grad_norm}"] if self.grad_norm is not None else []
         parts += [f"loss {self.loss}"] if self.loss is not None else []
         return " and ".join(parts) + " (not finite)"
+
+    def good_checkpoints(self, output_dir: Path, log_history: list[dict]) -> list[Path]:
+        """The complete checkpoints whose weights a finite loss was computed with. The gradient check
+        drops the bad update, so every checkpoint before it is good. The loss check alone (gradient
+        check off) sees a loss computed with the weights of earlier steps, whose updates (and
+        checkpoints) were applied already: only checkpoints before the last finite loss logged are good."""
+        checkpoints = complete_checkpoints(output_dir)
+        if self.grad_norm is not None:
+            return checkpoints
+        finite = max((e["step"] for e in log_history if "loss" in e and math.isfinite(e["loss"])), default=0)
+        return [p for p in checkpoints if checkpoint_step(p) < finite]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if args.fp16 or model is None:

@@ -96,7 +96,9 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, kee
 
 def replace_dir(new: Path, target: Path) -> None:
     """Move folder `new` to `target` on the same filesystem, replacing an older `target` (renamed
-    away first, then removed), so that `target` is always either the old or the new folder."""
+    away first, then removed), so that `target`, when it exists, is either the old or the new folder
+    whole. Between the two renames it is absent and the old one lies in `.<name>.old`; the next call
+    clears that."""
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

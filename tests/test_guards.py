@@ -1,7 +1,7 @@
 """Run guards: whole checkpoints, resume points, output dirs, Ctrl-C / SIGTERM, divergence.
 
-The checkpoint and output-dir rules are checked on folders; the interruption and divergence
-paths run the LoRA example on the tiny model through the scripts' entry point (`runs.cli.run`).
+The checkpoint and output-dir rules are checked on folders; the interruption, divergence and
+final-save paths run the LoRA example on the tiny model through the scripts' entry point (`runs.cli.run`).
 The slow tests/test_resume.py resumes interrupted runs in a fresh process and compares them with
 uninterrupted ones.
 """
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from config import Settings, get_settings
-from runs import cli, guards
+from runs import cli, guards, outputs
 from techniques.checkpoints import complete_checkpoints, is_complete_checkpoint, rotate_checkpoints
 from tests.tiny import one_torch_thread
 from tests.tiny_model import make_tiny_model_dir
@@ -242,3 +242,87 @@ def test_a_diverged_run_stops_at_the_first_bad_step_and_saves_nothing_as_final(t
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {row["step"]: row["loss"] for row in logged if "loss" in row}
     assert sorted(losses) == [1, 2] and math.isfinite(losses[1]) and losses[2] != 0.0
+
+
+def test_a_non_finite_loss_alone_stops_the_run_and_names_the_checkpoint_before_it(tiny, tmp_path, monkeypatch, capsys):
+    """Under fp16 or DeepSpeed the gradient-norm check is off and the logged loss is the only check.
+    LEARNING_RATE=1e6: step 2's gradient is nan but its loss (computed before the update) is
+    finite, so the nan update is applied and saved as checkpoint-2; step 3 logs loss nan. The run
+    stops there with exit status 1 and no final/, and names checkpoint-1 as the last good one: it
+    named checkpoint-2 (nan weights) and said the step was not applied."""
+    monkeypatch.setattr(guards.StopOnDivergence, "on_pre_optimizer_step", TrainerCallback.on_pre_optimizer_step)  # the check off
+    out = tmp_path / "out"
+    code = run_example(tiny, out, "--max_steps", "6", "--learning_rate", "1e6", "--warmup_steps", "0",
+                       "--save_steps", "1", monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "stopped: training diverged at step 3: loss nan (not finite). Nothing was saved as final." in err
+    assert f"last good checkpoint: {out}/checkpoint-1 (resume from it with a lower learning rate:" in err
+    assert err.rstrip().endswith("saved after the last finite loss, so not good: checkpoint-2")
+    assert not (out / "final").exists() and [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    weights = {name: load_file(out / name / "adapter_model.safetensors") for name in ("checkpoint-1", "checkpoint-2")}
+    assert all(torch.isfinite(w).all() for w in weights["checkpoint-1"].values())
+    assert not all(torch.isfinite(w).all() for w in weights["checkpoint-2"].values())
+
+
+# ---------------------------------------------------------------- the final save cut short
+
+
+class Killed(BaseException):
+    """Stands in for the process dying (kill -9, a lost node) where it is raised: nothing catches it."""
+
+
+def die(*args, **kwargs):
+    raise Killed
+
+
+def train_lora(tiny, out: Path, *flags: str) -> dict:
+    """One optimizer step of the LoRA example, called as a library (exceptions reach the test)."""
+    with one_torch_thread():
+        return finetune_llm_lora.main(["--base_model_name", str(tiny), "--output_dir", str(out), "--max_steps", "1",
+                                       "--dataset_path", str(REPO / "data/identity_demo.jsonl"), "--eval_split_size", "0",
+                                       "--per_device_train_batch_size", "4", *flags])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("dies", ["after-the-weights", "between-the-renames"])
+def test_a_final_save_cut_short_never_leaves_a_final_folder_mixing_two_runs(dies, tiny, tmp_path, monkeypatch):
+    """A second run (OVERWRITE_OUTPUT_DIR=true) dies while saving: with its weights written into
+    .final.partial/ but not its generation config and settings, or between replace_dir's renames
+    (old final/ moved to .final.old/, the new folder not yet in place). final/ is then the first
+    run's, byte for byte, or absent with the first run's kept in .final.old/; never a mix (the issue:
+    a kill left final/ with two runs' files, and chat used the wrong template). The next run's save
+    clears both leftovers."""
+    out = tmp_path / "out"
+    train_lora(tiny, out, "--seed", "1")
+    first = snapshot(out / "final")
+    original_replace = os.replace
+
+    def replace_unless_into_final(src, dst):
+        if Path(dst) == out / "final":
+            raise Killed
+        return original_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        if dies == "after-the-weights":
+            patch.setattr(outputs, "save_generation_config", die)
+        else:
+            patch.setattr(os, "replace", replace_unless_into_final)
+        with pytest.raises(Killed):
+            train_lora(tiny, out, "--seed", "2", "--overwrite_output_dir", "true")
+    partial = out / ".final.partial"
+    if dies == "after-the-weights":
+        assert snapshot(out / "final") == first and not (partial / "run_settings.json").exists()
+    else:
+        assert not (out / "final").exists() and snapshot(out / ".final.old") == first
+        assert json.loads((partial / "run_settings.json").read_text())["seed"] == 2  # whole, not yet renamed
+    assert (partial / "adapter_model.safetensors").is_file()  # the second run's weights were on disk
+
+    (partial / "from-run-2.txt").write_text("")  # a file only the dead run's kind writes
+    train_lora(tiny, out, "--seed", "3", "--overwrite_output_dir", "true")
+    assert json.loads((out / "final" / "run_settings.json").read_text())["seed"] == 3
+    assert sorted(snapshot(out / "final")) == sorted(first)  # nothing of the dead run in it
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
