@@ -72,6 +72,8 @@ PARQUET = "parquet"  # files value: a parquet file with columns a, b
 CASES = [
     # ---- settings: .env, environment, flags (before anything loads)
     Case("dotenv-unknown-key", "lora", sft(), "LORA_RANK (.env): not a setting; did you mean LORA_R?", dotenv="LORA_RANK=8\n"),
+    Case("recipe-unknown-key", "lora", sft("--config", "{tmp}/r.yaml"), "recipe {tmp}/r.yaml: 'lora_rank' is not a setting (did you mean lora_r?)",
+         files={"r.yaml": "lora_rank: 8\n"}),
     Case("dotenv-foreign-variable", "lora", sft(), "HF_HUB_OFFLINE (.env): not a setting", dotenv="HF_HUB_OFFLINE=1\n"),
     Case("env-misspelled", "lora", sft(), "LORA_ALHPA (environment): not a setting; did you mean LORA_ALPHA?",
          env={"LORA_ALHPA": "8"}),

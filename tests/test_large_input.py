@@ -1,17 +1,22 @@
 """Large input stays bounded: a 200k-character record and a 50k-record file build in bounded time
 and memory, and held-out prompts obey max_seq_length like training rows.
 
-Measured with SmolLM2's tokenizer on the team machine (2 busy cores): the 200k-character record
-(39,601 tokens) builds in 0.3 s (+31 MiB), cut to max_seq_length=512; a 50k-record file (13.6 MB)
-in 48 s, peak +724 MiB. Before the held-out fix, that record as an eval record reached `generate`
-whole: 41k tokens and a 27 GB attention allocation on the real model.
+Measured on 2 cores shared with other jobs (peak = growth of the resident set's high-water mark):
+
+- the 200k-character record (its file: 200,382 bytes): SmolLM2's tokenizer makes 41,546 tokens of
+  it, built in 0.2 s, peak +30 MiB, cut to max_seq_length=512; the tests' tiny tokenizer (byte-level
+  BPE trained on a few sentences) 99,883 tokens, 0.2-0.3 s, peak +37 MiB, cut to 256.
+- the 50k-record file (15.7 MB: 50,000 lines of 314 bytes): SmolLM2's tokenizer 19 s, peak
+  +817 MiB; the tiny tokenizer (more tokens per character) 33-35 s, peak +1.9 GiB, close to the 2 GiB bound.
+
+Before the held-out fix, the 200k record as an eval record reached `generate` whole: 41k tokens and
+a 27 GB attention allocation on the real model.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -47,14 +52,28 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def peak_rss_mib(reset: bool = False) -> float:
+    """This process's peak resident memory (Linux VmHWM), MiB. `reset=True` first lowers the peak to
+    the current size, so a later call measures what came after: without it an earlier test's higher
+    peak hides any growth below it (after a 1 GiB peak, 300 MiB more read as +0)."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def test_a_200k_character_record_builds_fast_and_is_cut_to_max_seq_length(tmp_path):
     tiny = make_tiny_model_dir(tmp_path)
     data = write_jsonl(tmp_path / "big.jsonl", [{"instruction": text(200_000), "output": "Short."}]
                        + [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(9)])
     settings = get_settings(["--dataset_path", str(data), "--eval_split_size", "0", "--max_seq_length", "256"], env_file=None)
+    tokenizer = load_tokenizer(settings, str(tiny))
+    peak_before = peak_rss_mib(reset=True)
     started = time.perf_counter()
-    built, report = build_sft_dataset_with_report(settings, load_tokenizer(settings, str(tiny)))
-    assert time.perf_counter() - started < 30
+    built, report = build_sft_dataset_with_report(settings, tokenizer)
+    seconds, peak_growth = time.perf_counter() - started, peak_rss_mib() - peak_before
+    assert seconds < 30, f"{seconds:.1f} s"
+    assert peak_growth < 256, f"peak grew by {peak_growth:.0f} MiB"
     assert report.splits["train"].truncated == 1 and report.splits["train"].length_max == 256
     assert max(len(ids) for ids in built["train"]["input_ids"]) == 256
 
@@ -95,11 +114,10 @@ def test_a_50k_record_file_builds_in_bounded_time_and_memory(tmp_path):
     data = write_jsonl(tmp_path / "many.jsonl", records)
     settings = get_settings(["--dataset_path", str(data), "--eval_split_size", "0.1"], env_file=None)
     tokenizer = load_tokenizer(settings, str(tiny))
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    peak_before = peak_rss_mib(reset=True)
     started = time.perf_counter()
     built, report = build_sft_dataset_with_report(settings, tokenizer)
-    seconds = time.perf_counter() - started
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before
+    seconds, peak_growth = time.perf_counter() - started, peak_rss_mib() - peak_before
     assert report.splits["train"].kept == 45_000 and report.splits["eval"].kept == 5_000
     assert seconds < 300, f"{seconds:.0f} s"
     assert peak_growth < 2048, f"peak grew by {peak_growth:.0f} MiB"
