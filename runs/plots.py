@@ -143,8 +143,8 @@ def plot_metrics(rows: list[dict], path: str | Path, title: str = "") -> tuple[i
         if key not in NO_EVAL_LINE:
             _series(ax, evals, f"eval_{key}", "eval", linestyle="--", marker="s")
         _label(ax, *PANELS.get(key, (key.replace("_", " "), key)))
-        if key in FROM_ZERO:
-            ax.set_ylim(bottom=0)
+        if key in FROM_ZERO and ax.dataLim.y1 > 0:
+            ax.set_ylim(0, 1.15 * ax.dataLim.y1)  # headroom: a flat line at the top edge hides in the frame
         if ax.get_legend_handles_labels()[1] == ["train", "eval"]:
             ax.legend(fontsize="small")
 
