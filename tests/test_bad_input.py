@@ -129,6 +129,12 @@ CASES = [
     Case("model-corrupt-safetensors", "lora", sft("--base_model_name", "{corrupt}"), "cannot load the model in {corrupt}: SafetensorError"),
     Case("target-modules-match-nothing", "lora", sft("--lora_target_modules", "q_proj,qkv_proj"),
          "lora_target_modules: qkv_proj match no module of LlamaForCausalLM. Its linear layers are: down_proj, gate_proj, k_proj"),
+    Case("llama3-tokens-missing", "lora", sft("--prompt_template", "llama3"),
+         "prompt template 'llama3' cannot be used with this tokenizer: not single tokens in this tokenizer: ['<|start_header_id|>', "
+         "'<|end_header_id|>', '<|eot_id|>']. Fix: use PROMPT_TEMPLATE=alpaca or chatml or tokenizer"),
+    Case("phi3-tokens-missing", "lora", sft("--prompt_template", "phi3"),
+         "not single tokens in this tokenizer: ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>']. Fix: use PROMPT_TEMPLATE="
+         "alpaca or chatml or tokenizer"),
     Case("freeze-more-layers-than-exist", "full", sft("--freeze_layers", "9"), "freeze_layers=9: LlamaForCausalLM has only 2 decoder layers"),
     # ---- SFT data
     Case("data-missing-file", "lora", sft("--dataset_path", "{tmp}/missing.jsonl"), "data error in {tmp}/missing.jsonl\n  no such local file"),
