@@ -8,8 +8,8 @@ two promises the stock trainers do not keep:
 1. Eval figures do not depend on the eval batch size or the number of processes. The stock loop
    averages per-batch means with equal weights (the last, smaller batch counts as much as a full
    one: on tests/test_eval.py's data 5.963 is the token mean, 5.925 the stock figure at eval batch
-   4), and under N processes the sampler
-   pads the last batch with repeated examples that are counted too. Here every process evaluates
+   4), and under N processes the sampler pads the last batch with repeated examples that are
+   counted too. Here every process evaluates
    the whole eval set in order (so nothing is repeated and every process holds the same figures;
    the cost is N times the eval compute of a sharded eval, small next to training for eval sets of
    hundreds or thousands of examples), and each batch's means are weighted by what they average:
