@@ -21,8 +21,9 @@ clocks each one). Supervised tokens are counted from every batch the collator ma
 for every row; MFU uses `techniques.throughput` (FLOPs per token and peak FLOP/s of this machine).
 "loss" is the mean training loss per supervised token over the whole epoch and `supervised_tokens`
 the epoch's count: every row trains on the same tokens, so speed cannot come from training on
-fewer or other ones. The scaling rows time b (packed) and c (packed) at max_seq_length 256 ... 2048
-over the whole demo file (packed rows are fewer: more examples keep several steps to time).
+fewer or other ones. The scaling rows time b (packed) and c (packed) at max_seq_length 256 ... 2048:
+rows packed from the whole demo file, `--warmup` + `--packed_steps` optimizer steps (not an epoch:
+one at 2,048 tokens a row would take an hour on 2 cores); their loss covers those steps only.
 
 Writes bench/results.json (rows with name, supervised_tokens_per_s, ratio_vs_trl_default,
 ratio_vs_trl_tuned, mfu, peak_mem_gib, loss, ...; the machine, threads and versions) and
@@ -42,10 +43,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import runs  # noqa: E402, F401  (before any library: quietens bitsandbytes' import-time kernel warning)
+from transformers import TrainerCallback  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "llamafactory" / "alpaca_en_demo.json"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # TRL docs' LoRA example
@@ -83,7 +84,7 @@ def main() -> None:
         return
     rows = args.rows.split(",") if args.rows else ["a", "b", "c", "d", "e"]
     if args.quick:
-        args.examples, args.warmup = min(args.examples, 32), 1
+        args.examples, args.warmup, args.packed_steps = min(args.examples, 32), 1, 2
     specs = []
     for row in rows:
         if row == "b":
@@ -112,6 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", default="", help="comma-separated rows (a,b,c,d,e); default all")
     parser.add_argument("--examples", type=int, default=64, help="records every row trains on (one epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps at the start")
+    parser.add_argument("--packed_steps", type=int, default=4, help="timed steps of the packed (scaling) rows")
     parser.add_argument("--batch", type=int, default=8, help="micro batch size")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the scaling rows")
@@ -125,7 +127,8 @@ def run_in_subprocess(spec: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, __file__, "--worker", spec, "--json", str(out), "--examples", str(args.examples),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--max_seq_length", str(args.max_seq_length)]
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--max_seq_length", str(args.max_seq_length),
+                   "--packed_steps", str(args.packed_steps)]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
@@ -152,23 +155,28 @@ def run_row(spec: str, args: argparse.Namespace) -> dict:
     set_seed(0)
     records = fitting_records(json.loads(DATA.read_text()), max_seq_length)
     random.Random(0).shuffle(records)
-    # Packed rows hold ~3 examples each: the whole file keeps several steps to time.
-    records = records if length or "packing" in name else records[: args.examples]
+    # Packed rows hold several examples each: they draw from the whole file and stop after
+    # `--packed_steps` timed steps (one epoch of it at 2,048 tokens a row would take an hour here).
+    packed = bool(length) or "packing" in name
+    records = records if packed else records[: args.examples]
+    max_steps = args.warmup + args.packed_steps if packed else -1
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_row(name, records, max_seq_length, args.batch, Path(tmp))
+        trainer = build_row(name, records, max_seq_length, args.batch, Path(tmp), max_steps)
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.train()
     counts = counter.counts
+    if max_steps > 0 and len(counts) == len(clock.seconds) + 1:
+        counts = counts[:-1]  # stopped before the epoch's end: accelerate's loader had collated one batch ahead
     if len(counts) != len(clock.seconds):
         raise RuntimeError(f"{len(counts)} batches collated for {len(clock.seconds)} steps: one batch per step expected")
     warmup = min(args.warmup, len(counts) - 1)
     timed, seconds = counts[warmup:], sum(clock.seconds[warmup:])
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     tokens, supervised, squared = (sum(c[i] for c in timed) for i in range(3))
-    epoch_supervised = sum(c[1] for c in counts)
+    epoch_supervised = sum(c[1] for c in counts)  # packed rows: the steps trained, not an epoch
     model = trainer.accelerator.unwrap_model(trainer.model)
     flops = throughput.flops_per_token(model).step_flops(tokens, supervised, squared)
     dtype = torch.bfloat16 if trainer.args.bf16 else torch.float32
@@ -227,13 +235,14 @@ class StepClock(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def build_row(name: str, records: list[dict], max_seq_length: int, batch: int, tmp: Path):
+def build_row(name: str, records: list[dict], max_seq_length: int, batch: int, tmp: Path, max_steps: int):
+    """The row's trainer over `records` for one epoch, or `max_steps` optimizer steps when > 0."""
     if name == "a" or name.startswith("b:"):
-        return trl_trainer(TRL_VARIANTS.get(name.partition(":")[2], {}), records, max_seq_length, batch, tmp)
-    return our_trainer(name, records, max_seq_length, batch, tmp)
+        return trl_trainer(TRL_VARIANTS.get(name.partition(":")[2], {}), records, max_seq_length, batch, tmp, max_steps)
+    return our_trainer(name, records, max_seq_length, batch, tmp, max_steps)
 
 
-def trl_trainer(variant: dict, records, max_seq_length, batch, tmp):
+def trl_trainer(variant: dict, records, max_seq_length, batch, tmp, max_steps=-1):
     """TRL as its docs show it: prompt/completion records, a model, a LoRA peft_config."""
     import datasets
     import torch
@@ -254,14 +263,14 @@ def trl_trainer(variant: dict, records, max_seq_length, batch, tmp):
         rows.append({"prompt": render(messages[:-1], "alpaca", tokenizer, add_generation_prompt=True),
                      "completion": messages[-1]["content"]})
     config = SFTConfig(output_dir=str(tmp), use_cpu=not torch.cuda.is_available(), max_length=max_seq_length,
-                       per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=LEARNING_RATE,
+                       per_device_train_batch_size=batch, num_train_epochs=1, max_steps=max_steps, learning_rate=LEARNING_RATE,
                        logging_steps=1, save_strategy="no", report_to="none", seed=0, **variant)
     return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
-def our_trainer(name: str, records, max_seq_length, batch, tmp):
+def our_trainer(name: str, records, max_seq_length, batch, tmp, max_steps=-1):
     """Our recipe as the example scripts run it, with our defaults."""
     import torch
 
@@ -277,7 +286,8 @@ def our_trainer(name: str, records, max_seq_length, batch, tmp):
     data_file.write_text(json.dumps(records))
     row, _, options = name.partition(":")
     flags = ["--dataset_path", str(data_file), "--eval_split_size", "0", "--max_seq_length", str(max_seq_length),
-             "--per_device_train_batch_size", str(batch), "--num_train_epochs", "1", "--logging_steps", "1",
+             "--per_device_train_batch_size", str(batch), "--num_train_epochs", "1", "--max_steps", str(max_steps),
+             "--logging_steps", "1",
              "--output_dir", str(tmp / "out"), "--seed", "0", "--learning_rate", str(LEARNING_RATE if row != "e" else 5e-5),
              "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"])]
     levers = list(filter(None, options.split("+")))
