@@ -170,7 +170,10 @@ def measured_cpu_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int =
         cached = json.loads(cache.read_text())
     except (OSError, ValueError):
         cached = {}
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # Its own generator: drawing from the global RNG mid-training would change the dropout masks
+    # after it, and a resumed run (which measures again) would train other steps (tests/test_resume.py).
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, dtype=dtype, generator=generator) for _ in range(2))
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     measured = 2 * size**3 / best

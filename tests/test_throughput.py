@@ -73,7 +73,9 @@ def test_peak_flops_from_the_setting_the_gpu_table_and_a_cached_cpu_measurement(
     assert throughput.peak_flops(torch.device("cuda"), torch.bfloat16) is None
     cache = tmp_path / "peak.json"
     monkeypatch.setattr(throughput, "CPU_PEAK_CACHE", cache)
+    rng = torch.get_rng_state()
     measured = throughput.measured_cpu_peak_flops(torch.float32, size=256, repeats=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # measuring mid-training must not move the dropout masks
     assert 1e8 < measured < 1e14 and cache.is_file()
     (key, kept), = json.loads(cache.read_text()).items()
     assert kept == measured
