@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-from config import DEFAULT_MODEL_ID  # noqa: E402  (one home for the default id)
+from config import DEFAULT_MODEL_ID, resolve_precision  # noqa: E402  (one home for the default id)
 
 DEFAULT_MODEL_CACHE_DIR = "~/.cache/ft-kit"
 
@@ -722,6 +722,20 @@ def load_tokenizer(settings, path: str | os.PathLike | None = None) -> "PreTrain
         else:
             logger.warning("The tokenizer has neither a pad nor an eos token; batches cannot be padded")
     return tokenizer
+
+
+def frozen_weight_dtype(settings) -> Any:
+    """The dtype to load a base model in whose weights stay frozen (LoRA, DPO's LoRA policy).
+
+    ``torch.bfloat16`` when the run's matmuls are bf16 (``config.resolve_precision(settings) == "bf16"``):
+    autocast would otherwise cast every frozen fp32 weight to bf16 again at every forward, since it
+    caches casts of trainable weights only (1.06x on a 2-core EPYC, and half the weight memory). The
+    adapters PEFT adds stay fp32 (its ``autocast_adapter_dtype``), so their AdamW updates are not
+    rounded away. Otherwise ``"auto"``: the checkpoint's own dtype. Raises what ``resolve_precision`` raises.
+    """
+    import torch
+
+    return torch.bfloat16 if resolve_precision(settings, warn=False) == "bf16" else "auto"
 
 
 def load_model(

@@ -32,7 +32,7 @@ from transformers import set_seed  # noqa: E402
 
 from config import Settings, get_settings  # noqa: E402
 from data.dataset import build_sft_dataset_with_report  # noqa: E402
-from models import load_model, load_tokenizer  # noqa: E402
+from models import frozen_weight_dtype, load_model, load_tokenizer  # noqa: E402
 from runs import card, cli, guards, measure, outputs, processes  # noqa: E402
 from techniques.lora import apply_lora, count_parameters  # noqa: E402
 from techniques.qlora import apply_qlora, load_4bit_model  # noqa: E402
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     if settings.load_in_4bit:
         model = apply_qlora(load_4bit_model(settings, model_path), settings)
     else:
-        model = apply_lora(load_model(settings, model_path), settings)
+        model = apply_lora(load_model(settings, model_path, dtype=frozen_weight_dtype(settings)), settings)
 
     # 4. Numbers before training: answers now (main process), eval loss as train() starts
     #    (eval_on_start: after the trainer has wrapped the model for DDP/FSDP).

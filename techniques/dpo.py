@@ -71,9 +71,9 @@ from config import Settings
 from data.errors import DatasetError
 from data.examples import encode_prompt_completion, template_bos_length
 from data.readers import load_records, split_records, to_messages
-from models import load_model
+from models import frozen_weight_dtype, load_model
 from techniques.checkpoints import AtomicCheckpointsMixin
-from techniques.lora import apply_lora, check_adapter_fits
+from techniques.lora import apply_lora, check_adapter_fits, skip_input_casts_under_autocast
 from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
 from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, RunLogMixin, trainer_arguments
@@ -335,7 +335,8 @@ def load_policy(settings: Settings, model_path: str | None = None) -> PreTrained
         raise ValueError("invalid DPO settings:\n  " + "\n  ".join(problems))
     if settings.dpo_policy == "full":
         return load_model(settings, model_path, dtype=torch.float32)
-    base = load_4bit_model(settings, model_path) if settings.load_in_4bit else load_model(settings, model_path)
+    base = (load_4bit_model(settings, model_path) if settings.load_in_4bit
+            else load_model(settings, model_path, dtype=frozen_weight_dtype(settings)))
     if not settings.sft_adapter_dir:
         return apply_qlora(base, settings) if settings.load_in_4bit else apply_lora(base, settings)
     if settings.load_in_4bit:
@@ -344,7 +345,9 @@ def load_policy(settings: Settings, model_path: str | None = None) -> PreTrained
             gradient_checkpointing_kwargs={"use_reentrant": False})
     # Trainable "default" adapter = the SFT adapter; DPOTrainer adds a frozen copy named "ref".
     check_adapter_fits(base, settings.sft_adapter_dir)
-    return PeftModel.from_pretrained(base, settings.sft_adapter_dir, is_trainable=True)
+    policy = PeftModel.from_pretrained(base, settings.sft_adapter_dir, is_trainable=True)
+    skip_input_casts_under_autocast(policy)
+    return policy
 
 
 def loss_types_and_weights(settings: Settings) -> tuple[list[str], list[float]]:

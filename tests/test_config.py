@@ -110,11 +110,37 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
         get_settings(["--load_in_4bit", "true"], env_file=None)
 
 
-def test_cpu_precision_falls_back_to_fp32(monkeypatch, caplog):
+def test_cpu_precision_is_bf16_only_with_native_bf16(monkeypatch, caplog):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     s = get_settings(["--mixed_precision", "bf16"], env_file=None)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(s) == "bf16" and not caplog.text
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision(s) == "no"
-    assert "trains in fp32" in caplog.text
+    assert "no native bf16" in caplog.text and "trains in fp32" in caplog.text
+    assert resolve_precision(get_settings(["--mixed_precision", "no"], env_file=None)) == "no"
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch, real_cpu_bf16_check):
+    import torch
+
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert config.cpu_has_native_bf16() is expected
+
+
+def test_frozen_weights_load_in_bf16_when_the_matmuls_are_bf16(monkeypatch):
+    import torch
+
+    from models import frozen_weight_dtype
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
+    assert frozen_weight_dtype(get_settings([], env_file=None)) is torch.bfloat16
+    assert frozen_weight_dtype(get_settings(["--mixed_precision", "no"], env_file=None)) == "auto"
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
+    assert frozen_weight_dtype(get_settings([], env_file=None)) == "auto"
 
 
 def test_bf16_on_gpu_without_bf16_is_an_error(monkeypatch):

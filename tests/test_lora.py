@@ -300,3 +300,93 @@ def test_warmup_steps_below_1_is_a_fraction_of_all_steps(tiny_dir, tmp_path):
     expected = [1e-3 * schedule("linear", k - 1, warmup, total) for k in range(1, total + 1)]
     assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert expected[warmup] == 1e-3 and expected[warmup - 1] < 1e-3  # the peak is reached at step warmup + 1
+
+
+class CountOps:
+    """Counts the aten ops a block of code runs (a TorchDispatchMode), by overload packet name."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_under_autocast_the_adapter_input_is_not_cast_to_fp32_and_back(tiny_dir):
+    """bf16 frozen weights, fp32 adapters (as a bf16 run loads them): PEFT casts each adapted
+    layer's bf16 input to fp32 and autocast casts it straight back. Skipping that cast under
+    autocast gives bit-equal logits and two copies fewer per adapted layer; outside autocast the
+    cast still happens (an fp32 adapter cannot take a bf16 input)."""
+    from peft import get_peft_model
+
+    from techniques.lora import lora_config, skip_input_casts_under_autocast
+
+    s = settings_for(tiny_dir)
+    hooked = apply_lora(load_model(s, path=str(tiny_dir), dtype=torch.bfloat16), s)
+    plain = get_peft_model(load_model(s, path=str(tiny_dir), dtype=torch.bfloat16), lora_config(s))
+    randomize_lora_b(hooked)
+    plain.load_state_dict(hooked.state_dict())
+    adapters = {p.dtype for n, p in hooked.named_parameters() if "lora_" in n}
+    assert adapters == {torch.float32}
+    layers = skip_input_casts_under_autocast(torch.nn.Sequential())  # nothing to hook in an empty module
+    assert layers == 0
+    n_layers = sum(1 for n, _ in hooked.named_modules() if n.endswith(".lora_A"))
+    assert n_layers == 2 * 7  # 2 tiny layers x 7 projections
+    counts = {}
+    for name, model in (("hooked", hooked), ("plain", plain)):
+        with torch.autocast("cpu", dtype=torch.bfloat16), CountOps() as ops:
+            out = logits(model)
+        counts[name] = (out, ops.counts.get("_to_copy", 0))
+    torch.testing.assert_close(counts["hooked"][0], counts["plain"][0], rtol=0, atol=0)
+    assert counts["plain"][1] - counts["hooked"][1] == 2 * n_layers
+    torch.testing.assert_close(logits(hooked), logits(plain), rtol=0, atol=0)  # no autocast: PEFT's cast runs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run")
+def test_bf16_cpu_lora_run_keeps_fp32_adapters_and_the_fp32_losses(tiny_dir, tmp_path, native_bf16):
+    """MIXED_PRECISION=bf16 on a CPU with native bf16: the trainer autocasts, the frozen weights
+    load in bf16 (models.frozen_weight_dtype), the adapters and their updates stay fp32, and the
+    per-step losses track an fp32 run of the same steps within bf16 rounding."""
+    from datasets import Dataset, DatasetDict
+
+    from models import frozen_weight_dtype, load_tokenizer
+    from techniques.sft import build_sft_trainer
+    from tests.tiny import one_torch_thread
+
+    examples = [[1, 5 + i, 9, 13, 17 + i, 21, 2] for i in range(8)]
+    data = DatasetDict({"train": Dataset.from_dict(
+        {"input_ids": examples, "labels": examples, "attention_mask": [[1] * 7 for _ in examples]})})
+    runs = {}
+    for precision in ("bf16", "no"):
+        s = settings_for(tiny_dir, "--mixed_precision", precision, "--max_steps", "4", "--learning_rate", "1e-2",
+                         "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / precision),
+                         "--logging_steps", "1", "--eval_split_size", "0", "--warmup_steps", "0")
+        model = apply_lora(load_model(s, path=str(tiny_dir), dtype=frozen_weight_dtype(s)), s)
+        trainer = build_sft_trainer(model, load_tokenizer(s, tiny_dir), data, s)
+        with one_torch_thread():
+            trainer.train()
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        runs[precision] = (trainer.args.bf16, losses, dtypes)
+    (bf16_on, bf16_losses, bf16_dtypes), (fp32_on, fp32_losses, fp32_dtypes) = runs["bf16"], runs["no"]
+    assert bf16_on and not fp32_on
+    assert {d for n, d in bf16_dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in bf16_dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert set(fp32_dtypes.values()) == {torch.float32}
+    assert len(bf16_losses) == len(fp32_losses) == 4
+    assert bf16_losses == pytest.approx(fp32_losses, rel=2e-2)
+    assert bf16_losses[-1] < bf16_losses[0]

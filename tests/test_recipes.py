@@ -36,8 +36,9 @@ def test_recipe_loads_and_its_commands_name_real_files(recipe):
 def test_the_recipes_set_what_their_names_say():
     load = {p.stem: get_settings(["--config", str(p)], env_file=None) for p in RECIPES}
     default = get_settings([], env_file=None).model_dump()
-    # The CPU demo is the default run (the README's figures), with fp32 spelled out for a CPU.
-    assert {k: v for k, v in load["cpu_demo"].model_dump().items() if default[k] != v} == {"mixed_precision": "no"}
+    # The CPU demo is the default run (the README's figures), spelled out.
+    assert {k: v for k, v in load["cpu_demo"].model_dump().items() if default[k] != v} == {}
+    assert "mixed_precision: bf16" in (REPO / "recipes" / "cpu_demo.yaml").read_text()
     qlora = load["qlora_8b_single_gpu"]
     assert qlora.load_in_4bit and qlora.bnb_4bit_quant_type == "nf4" and "8B" in qlora.base_model_name
     assert qlora.prompt_template == "llama3" and qlora.hf_token is None
