@@ -64,22 +64,25 @@ class SupervisedHeadLossMixin:
         with head_on_rows(self.accelerator.unwrap_model(model), rows):
             logits = model(**forward, use_cache=False).logits  # (n, vocab)
         chosen = targets[rows]
-        total = F.cross_entropy(logits.float(), chosen, reduction="sum")
+        # cross_entropy = nll_loss(log_softmax) (as torch computes it), with the log-probs kept
+        # for the logged metrics: one log-softmax over (n, vocab) per step instead of two.
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        total = F.nll_loss(log_probs, chosen, reduction="sum")
         count = rows.sum() if num_items_in_batch is None else num_items_in_batch
         loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; n counts every process
-        self._log_head_metrics(mode, logits.detach(), chosen, inputs)
+        self._log_head_metrics(mode, log_probs.detach(), chosen, inputs)
         return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
 
-    def _log_head_metrics(self, mode: str, logits: torch.Tensor, chosen: torch.Tensor, inputs: dict) -> None:
-        """TRL's per-step metrics from the supervised logits: mean entropy, top-1 accuracy, tokens."""
+    def _log_head_metrics(self, mode: str, log_probs: torch.Tensor, chosen: torch.Tensor, inputs: dict) -> None:
+        """TRL's per-step metrics from the supervised log-probs (n, vocab) fp32: mean entropy,
+        top-1 accuracy (argmax of the log-probs = of the logits), tokens."""
         gather = self.accelerator.gather_for_metrics
         with torch.no_grad():
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1).sum()
-            correct = (logits.argmax(-1) == chosen).sum()
-            valid = gather(torch.tensor(chosen.numel(), device=logits.device)).sum()
+            correct = (log_probs.argmax(-1) == chosen).sum()
+            valid = gather(torch.tensor(chosen.numel(), device=log_probs.device)).sum()
             entropy, correct = gather(entropy).sum(), gather(correct).sum()
         self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
