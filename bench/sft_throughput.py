@@ -2,7 +2,7 @@
 
     python bench/sft_throughput.py             # every row and the scaling rows (2 CPU cores: ~30 min)
     python bench/sft_throughput.py --quick     # rows a, b, c, 3 steps each, scaling at 256 (2 CPU cores: < 5 min)
-    python bench/sft_throughput.py --rows c,c:gc,c:bf16+grouped   # some rows only (ratios need a and b)
+    python bench/sft_throughput.py --rows a,c,c:fp32,c:gc   # some rows only (ratios need a and b)
 
 Rows, each trained in a fresh process (so peak memory is its own) for one epoch over the same
 `--examples` Alpaca demo records (a seeded shuffle of the file, the first K) on the default model
@@ -14,7 +14,7 @@ learning rate and seed everywhere):
     b  TRL at its best here: the fastest of its own options (packing / padding-free, gradient
        checkpointing off, bf16 or not, length-grouped batches); every variant tried is a row b:...
     c  our LoRA SFT with our defaults        d  our QLoRA        e  our full fine-tune (LLRD)
-    c:<levers>  our LoRA SFT with levers switched ("+"-separated; see LEVERS), e.g. c:gc, c:bf16+grouped
+    c:<levers>  our LoRA SFT with levers switched ("+"-separated; see LEVERS), e.g. c:gc, c:fp32+random
 
 Every step after the first `--warmup` ones is timed (the optimizer steps themselves: a callback
 clocks each one). Supervised tokens are counted from every batch the collator makes, the same way
@@ -60,8 +60,14 @@ TRL_VARIANTS = {
     # here already fits max_seq_length (fitting_records), so there is nothing to cut.
     "no-checkpointing,padding_free": dict(gradient_checkpointing=False, padding_free=True, max_length=None),
     "no-checkpointing,packing": dict(gradient_checkpointing=False, packing=True),
+    # The model loaded in bf16 (from_pretrained(dtype=torch.bfloat16), as TRL's docs load large
+    # models): autocast then has no fp32 weights to cast at every step.
+    "no-checkpointing,padding_free,bf16-weights": dict(gradient_checkpointing=False, padding_free=True, max_length=None,
+                                                       model_dtype="bfloat16"),
+    "no-checkpointing,packing,bf16-weights": dict(gradient_checkpointing=False, packing=True, model_dtype="bfloat16"),
 }
-QUICK_TRL_VARIANT = "no-checkpointing,padding_free"  # the fastest in the full run on a 2-core EPYC (README)
+QUICK_TRL_VARIANT = "no-checkpointing,padding_free,bf16-weights"  # the fastest in the full run on a 2-core EPYC (README)
+SCALING_TRL_VARIANT = "no-checkpointing,packing,bf16-weights"  # TRL's packed rows at its fastest settings
 SCALING_LENGTHS = (256, 512, 1024, 2048)
 # Levers of our LoRA row, each switched on top of our defaults for a row "c:<lever>+<lever>": the
 # README's performance section says which won and became the default.
@@ -72,9 +78,12 @@ LEVERS = {
     "nodropout": ["--lora_dropout", "0"],
     "bf16": ["--mixed_precision", "bf16"],
     "fp32": ["--mixed_precision", "no"],
+    "fp32-weights": ["--mixed_precision", "bf16"],  # bf16 autocast over frozen weights kept in fp32
+    "peft-cast": [],  # PEFT casts each adapted input to fp32 under autocast too (techniques.lora hook off)
     "grouped": ["--group_by_length", "true"],
     "random": ["--group_by_length", "false"],
     "packing": ["--packing", "true"],
+    "compute-bf16": ["--bnb_4bit_compute_dtype", "bfloat16"],  # QLoRA (row d): 4-bit layers dequantize to bf16
 }
 
 
@@ -98,7 +107,7 @@ def main() -> None:
             specs.append(row)
     if args.scaling and "b" in rows and "c" in rows:
         lengths = SCALING_LENGTHS[:1] if args.quick else SCALING_LENGTHS
-        specs += [f"{row}@{n}" for n in lengths for row in ("b:no-checkpointing,packing", "c:packing")]
+        specs += [f"{row}@{n}" for n in lengths for row in (f"b:{SCALING_TRL_VARIANT}", "c:packing")]
     results = [run_in_subprocess(spec, args) for spec in specs]
     table = summarize(results)
     print(format_table(table))
@@ -266,11 +275,13 @@ def trl_trainer(variant: dict, records, max_seq_length, batch, tmp, max_steps=-1
         messages = to_messages(record)
         rows.append({"prompt": render(messages[:-1], "alpaca", tokenizer, add_generation_prompt=True),
                      "completion": messages[-1]["content"]})
+    variant = dict(variant)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=variant.pop("model_dtype", "auto"))
     config = SFTConfig(**{**dict(output_dir=str(tmp), use_cpu=not torch.cuda.is_available(), max_length=max_seq_length,
                                  per_device_train_batch_size=batch, num_train_epochs=1, max_steps=max_steps,
                                  learning_rate=LEARNING_RATE, logging_steps=1, save_strategy="no", report_to="none",
                                  seed=0), **variant})
-    return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=config,
+    return SFTTrainer(model=model, args=config,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
 
@@ -281,7 +292,7 @@ def our_trainer(name: str, records, max_seq_length, batch, tmp, max_steps=-1):
 
     from config import get_settings
     from data.dataset import build_sft_dataset_with_report
-    from models import load_model, load_tokenizer, resolve_model_path
+    from models import frozen_weight_dtype, load_model, load_tokenizer, resolve_model_path
     from techniques.full_finetune import build_optimizer
     from techniques.lora import apply_lora
     from techniques.qlora import apply_qlora, load_4bit_model
@@ -298,10 +309,10 @@ def our_trainer(name: str, records, max_seq_length, batch, tmp, max_steps=-1):
     levers = list(filter(None, options.split("+")))
     for lever in levers:
         flags += LEVERS[lever]
-    if "bf16" in levers:  # lever study: CPU autocast in bf16, which resolve_precision turns off on a CPU
-        import techniques.training
+    if "peft-cast" in levers:
+        import techniques.lora
 
-        techniques.training.resolve_precision = lambda settings, warn=True: "bf16"
+        techniques.lora.skip_input_casts_under_autocast = lambda model: 0
     if row == "d":
         flags += ["--load_in_4bit", "true"]
     settings = get_settings(flags, env_file=None)
@@ -311,7 +322,10 @@ def our_trainer(name: str, records, max_seq_length, batch, tmp, max_steps=-1):
     if row == "e":
         model = load_model(settings, path, dtype=torch.float32)
         return build_sft_trainer(model, tokenizer, data, settings, optimizer_factory=lambda m: build_optimizer(m, settings))
-    model = apply_qlora(load_4bit_model(settings, path), settings) if row == "d" else apply_lora(load_model(settings, path), settings)
+    if row == "d":
+        return build_sft_trainer(apply_qlora(load_4bit_model(settings, path), settings), tokenizer, data, settings)
+    dtype = "auto" if "fp32-weights" in levers else frozen_weight_dtype(settings)
+    model = apply_lora(load_model(settings, path, dtype=dtype), settings)
     return build_sft_trainer(model, tokenizer, data, settings)
 
 
