@@ -181,6 +181,10 @@ class TrainingSettings(BaseModel):
         "(LoRA keeps its frozen weights in bf16 there); other CPUs fall back to no with a warning. fp16 needs a "
         "GPU; bf16 on a GPU without bf16 support is an error.",
     )
+    use_liger_kernel: bool = Field(
+        False, description="SFT on a CUDA GPU: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched into the model "
+        "by transformers (pip install liger-kernel); an error on a CPU or without the package.",
+    )
     report_to: Annotated[list[str], NoDecode] = Field(
         ["tensorboard"],
         description="Where training logs go besides metrics.jsonl: tensorboard (<output_dir>/runs), wandb, mlflow, "
@@ -488,6 +492,21 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def check_kernels(settings: TrainingSettings) -> None:
+    """Raise ValueError when `use_liger_kernel` cannot run here: Liger's kernels are Triton, so
+    they need a CUDA GPU and the `liger-kernel` package (transformers would fail later, deep in
+    the trainer, or not at all)."""
+    import torch
+
+    if not settings.use_liger_kernel:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("use_liger_kernel=true needs a CUDA GPU (Liger's kernels are Triton) and none is visible; "
+                         "set USE_LIGER_KERNEL=false on a CPU")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("use_liger_kernel=true needs the liger-kernel package: pip install liger-kernel")
 
 
 def resolve_precision(settings: TrainingSettings, warn: bool = True) -> Literal["bf16", "fp16", "no"]:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from config import SECRET_FIELDS, Settings, resolve_precision
+from config import SECRET_FIELDS, Settings, check_kernels, resolve_precision
 from runs.processes import is_main, process_state, say
 from techniques.checkpoints import (STAGING_DIR, checkpoint_step, complete_checkpoints, incomplete_checkpoints,
                                    is_complete_checkpoint)
@@ -87,12 +87,14 @@ class RunGuard:
     Raises:
         RunSetupError: the output dir is a file, not writable, or holds a run that may not be
             replaced; the resume point does not exist or is incomplete.
-        ValueError: the precision is impossible here (`config.resolve_precision`).
+        ValueError: the precision or kernels are impossible here (`config.resolve_precision`,
+            `config.check_kernels`).
     """
 
     def __init__(self, settings: Settings, script: str | Path, argv: list[str] | None = None):
         self.settings = settings
         resolve_precision(settings, warn=False)
+        check_kernels(settings)
         check_output_dir(settings)
         self.resume_from = resolve_resume(settings)
         self.signals = StopOnSignal()

@@ -375,8 +375,12 @@ def dpo_config(settings: Settings, **overrides) -> DPOConfig:
     plus the dpo settings; `overrides` win over everything.
 
     `max_length=None` because pairs arrive truncated by `truncate_pair`, and `disable_dropout=True`
-    (see the module doc); the learning rate is ours, not TRL's 1e-6 default.
+    (see the module doc); the learning rate is ours, not TRL's 1e-6 default. Raises ValueError for
+    `use_liger_kernel` (an SFT setting: TRL's Liger DPO loss would replace the losses built here).
     """
+    if settings.use_liger_kernel:
+        raise ValueError("use_liger_kernel=true is an SFT setting (LoRA, QLoRA, full fine-tune); DPO trains without "
+                         "it: set USE_LIGER_KERNEL=false")
     loss_type, loss_weights = loss_types_and_weights(settings)
     args = trainer_arguments(settings)
     args.update(

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
-from config import Settings
+from config import Settings, check_kernels
 from techniques.checkpoints import AtomicCheckpointsMixin
 from techniques.head_loss import SupervisedHeadLossMixin
 from techniques.qlora import adapter_dtype_kept
@@ -45,6 +45,7 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         labels:       -100  a1  a2  -100  b1  b2  b3  b4     (b0 is never a target of a2)
         attention:    a* see only a*, b* see only b* (causal within each)
     """
+    check_kernels(settings)
     args = trainer_arguments(settings)
     args.update(
         max_length=settings.max_seq_length if settings.packing else None,
@@ -54,6 +55,9 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         # Length-grouped batches pad less (bench/: 1.49x on the Alpaca demo); packed rows are all
         # about max_seq_length long, so grouping them changes nothing.
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        # transformers patches Liger's kernels into the model (its `use_liger_kernel`); our head
+        # loss still selects the supervised rows before the LM head.
+        use_liger_kernel=settings.use_liger_kernel,
     )
     args.update(overrides)
     return SFTConfig(**args)

@@ -41,7 +41,7 @@ def trainer_arguments(settings: Settings) -> dict:
     """`TrainingArguments` keywords shared by every trainer here (SFT, DPO), from the settings.
 
     TRL's defaults that would surprise are set explicitly: `bf16` (TRL defaults to True) follows
-    `resolve_precision` (fp32 on CPU), activation checkpointing (TRL defaults to on) follows
+    `resolve_precision` (bf16 on a CPU with native bf16, else fp32), activation checkpointing (TRL defaults to on) follows
     GRADIENT_CHECKPOINTING under transformers' current name `activation_checkpointing` (5.23+; the
     old `gradient_checkpointing` keyword is a deprecated alias that warns), `use_cpu` is set on a
     machine without CUDA (TRL refuses to start otherwise). `report_to` is REPORT_TO (TensorBoard

@@ -115,6 +115,7 @@ CASES = [
     Case("resume-and-overwrite", "lora", sft("--resume_from_checkpoint", "auto", "--overwrite_output_dir", "true"),
          "RESUME_FROM_CHECKPOINT and OVERWRITE_OUTPUT_DIR=true contradict each other", files={"out/final/x": ""}),
     Case("fp16-on-cpu", "lora", sft("--mixed_precision", "fp16"), "mixed_precision=fp16 needs a CUDA GPU and none is visible"),
+    Case("liger-on-cpu", "lora", sft("--use_liger_kernel", "true"), "use_liger_kernel=true needs a CUDA GPU"),
     # ---- the model
     Case("model-folder-empty", "lora", sft("--base_model_name", "{tmp}/empty"), "exists but lacks config.json", files={"empty/.keep": ""}),
     Case("model-is-an-adapter-folder", "lora", sft("--base_model_name", "{adapter}"), "it is a LoRA adapter folder, not a model"),

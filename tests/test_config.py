@@ -272,3 +272,26 @@ def test_help_lists_sections_with_the_script_s_own_first(capsys):
         "model", "dpo", "lora", "qlora", "training", "data", "full_ft"]
     with pytest.raises(ValueError, match="unknown settings sections"):
         config.build_parser(sections=("fullft",))
+
+
+def test_liger_kernels_need_cuda_and_the_package(monkeypatch):
+    import importlib.util
+
+    s = get_settings(["--use_liger_kernel", "true"], env_file=None)
+    config.check_kernels(get_settings([], env_file=None))  # off: nothing to check
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="use_liger_kernel=true needs a CUDA GPU"):
+        config.check_kernels(s)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match="pip install liger-kernel"):
+        config.check_kernels(s)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Liger's kernels need a CUDA GPU")
+def test_liger_kernels_reach_the_sft_config_on_a_gpu():
+    pytest.importorskip("liger_kernel")
+    from techniques.sft import sft_config
+
+    assert sft_config(get_settings(["--use_liger_kernel", "true"], env_file=None)).use_liger_kernel

@@ -425,3 +425,10 @@ def test_example_on_the_default_model_learns_the_held_out_preference(tmp_path):
     summary = dpo_example.main(["--output_dir", str(tmp_path)])
     assert summary["held_out_accuracy_after"] > summary["held_out_accuracy_before"]
     assert summary["eval_reward_accuracy_after"] > 0.5
+
+
+def test_liger_kernels_are_refused_for_dpo_rather_than_ignored():
+    from techniques.dpo import dpo_config
+
+    with pytest.raises(ValueError, match="use_liger_kernel=true is an SFT setting"):
+        dpo_config(Settings(_env_file=None, use_liger_kernel=True))
