@@ -513,7 +513,7 @@ def resolve_precision(settings: TrainingSettings, warn: bool = True) -> Literal[
     """The mixed precision a run actually uses, after checking the hardware.
 
     `bf16` (the default) runs the matmuls in bf16 autocast on a bf16 GPU and on a CPU with native
-    bf16 (`cpu_has_native_bf16`: 1.7x fp32 for our LoRA step on a 2-core EPYC, README "Performance").
+    bf16 (`cpu_has_native_bf16`: 2.39x fp32 for our LoRA SFT on a 2-core EPYC, README "Performance").
     On other CPUs it falls back to `no` (fp32) with a warning (`warn=False`: silently, for an early
     check), since emulated bf16 is slower than fp32 there. Raises ValueError for `fp16` without a
     CUDA GPU (CPU autocast has no fp16: someone who asked for it expects a GPU), and for `bf16` on a

@@ -729,7 +729,7 @@ def frozen_weight_dtype(settings) -> Any:
 
     ``torch.bfloat16`` when the run's matmuls are bf16 (``config.resolve_precision(settings) == "bf16"``):
     autocast would otherwise cast every frozen fp32 weight to bf16 again at every forward, since it
-    caches casts of trainable weights only (1.06x on a 2-core EPYC, and half the weight memory). The
+    caches casts of trainable weights only (1.11x in the bench on a 2-core EPYC, and half the weight memory). The
     adapters PEFT adds stay fp32 (its ``autocast_adapter_dtype``), so their AdamW updates are not
     rounded away. Otherwise ``"auto"``: the checkpoint's own dtype. Raises what ``resolve_precision`` raises.
     """
