@@ -108,6 +108,7 @@ def main() -> None:
     if args.scaling and "b" in rows and "c" in rows:
         lengths = SCALING_LENGTHS[:1] if args.quick else SCALING_LENGTHS
         specs += [f"{row}@{n}" for n in lengths for row in (f"b:{SCALING_TRL_VARIANT}", "c:packing")]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the rows: a missing folder must not cost the run
     results = [run_in_subprocess(spec, args) for spec in specs]
     table = summarize(results)
     print(format_table(table))
