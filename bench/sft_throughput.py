@@ -148,7 +148,8 @@ def run_in_subprocess(spec: str, args: argparse.Namespace) -> dict:
         if done.returncode != 0:
             print(f"row {spec} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             if done.returncode < 0:  # SIGKILL from the kernel's OOM killer leaves no Python error
-                return {"name": spec, "error": f"killed by signal {-done.returncode} (out of memory when 9)"}
+                why = " (SIGKILL: most likely out of memory)" if done.returncode == -9 else ""
+                return {"name": spec, "error": f"killed by signal {-done.returncode}{why}"}
             return {"name": spec, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
         result = json.loads(out.read_text())
         print(f"{spec}: {result['supervised_tokens_per_s']:.1f} supervised tokens/s ({time.perf_counter() - started:.0f} s)",
