@@ -74,7 +74,7 @@ from data.readers import load_records, split_records, to_messages
 from models import frozen_weight_dtype, load_model
 from techniques.checkpoints import AtomicCheckpointsMixin
 from techniques.lora import apply_lora, check_adapter_fits, skip_input_casts_under_autocast
-from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
+from techniques.qlora import adapter_dtype, apply_qlora, load_4bit_model
 from techniques.throughput import ThroughputMixin
 from techniques.training import ExactEvalMixin, RunLogMixin, trainer_arguments
 
@@ -436,7 +436,7 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: S
     deep copy, or none with `precompute_ref_log_probs` (TRL then scores the data with the policy
     before its first step); for a PeftModel none, so TRL disables the adapter -- or, for an adapter
     that was trained before (`sft_adapter_dir`), adds and uses a frozen copy named "ref".
-    On a 4-bit base the adapters are kept in the 4-bit compute dtype (see the comment below).
+    On a 4-bit base the adapters are kept in `techniques.qlora.adapter_dtype` (see the comment below).
     """
     _no_attention_dropout(model)
     ref = None
@@ -457,9 +457,9 @@ def build_dpo_trainer(model, tokenizer, train_dataset, eval_dataset, settings: S
     if settings.load_in_4bit:
         # TRL casts the trainable adapter of a quantized model to bf16 (the QLoRA paper's GPU recipe),
         # after copying a re-trained adapter into "ref". Restore it from that exact copy, both in the
-        # 4-bit compute dtype: else policy != reference at step 0, and on CPU (fp32 compute) bf16
+        # adapter dtype (techniques.qlora.adapter_dtype): else policy != reference at step 0, and on CPU bf16
         # weights round away AdamW's small updates.
-        dtype = compute_dtype(settings)
+        dtype = adapter_dtype(settings)
         params = dict(trainer.model.named_parameters())
         for name, param in params.items():
             if "lora_" in name:

@@ -390,3 +390,32 @@ def test_bf16_cpu_lora_run_keeps_fp32_adapters_and_the_fp32_losses(tiny_dir, tmp
     assert len(bf16_losses) == len(fp32_losses) == 4
     assert bf16_losses == pytest.approx(fp32_losses, rel=2e-2)
     assert bf16_losses[-1] < bf16_losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run")
+def test_bf16_cpu_qlora_keeps_a_bf16_residual_stream_and_fp32_adapters(tiny_dir_64, native_bf16):
+    """MIXED_PRECISION=bf16 on a CPU with native bf16: the 4-bit layers compute in bf16, the frozen
+    norms and embeddings that PEFT's `prepare_model_for_kbit_training` upcast are bf16 again (an fp32
+    residual stream doubled QLoRA's activation memory), and the adapters stay fp32 through TRL.
+    In fp32 (mixed_precision=no) nothing changes: fp32 compute, PEFT's fp32 norms."""
+    import datasets
+
+    from techniques.qlora import apply_qlora, compute_dtype, load_4bit_model
+    from techniques.sft import build_sft_trainer
+    from tests.tiny_model import make_tiny_tokenizer
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 5, 9, 13]], "labels": [[-100, 5, 9, 13]]})
+    residual = {}
+    for precision in ("bf16", "no"):
+        s = settings_for(tiny_dir_64, "--load_in_4bit", "true", "--mixed_precision", precision,
+                         "--output_dir", str(tiny_dir_64 / precision))
+        model = apply_qlora(load_4bit_model(s, str(tiny_dir_64)), s)
+        trainer = build_sft_trainer(model, make_tiny_tokenizer(), datasets.DatasetDict(train=rows), s)
+        params = dict(trainer.model.named_parameters())
+        adapters = {p.dtype for n, p in params.items() if "lora_" in n}
+        frozen = {p.dtype for n, p in params.items() if "lora_" not in n and type(p).__name__ != "Params4bit"}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), torch.no_grad():
+            hidden = trainer.model(input_ids=IDS, output_hidden_states=True).hidden_states
+        residual[precision] = (compute_dtype(s), adapters, frozen, {h.dtype for h in hidden[1:]})
+    assert residual["bf16"] == (torch.bfloat16, {torch.float32}, {torch.bfloat16}, {torch.bfloat16})
+    assert residual["no"] == (torch.float32, {torch.float32}, {torch.float32}, {torch.float32})
