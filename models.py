@@ -752,7 +752,8 @@ def load_model(
     token=..., device_map=...)``.
 
     Args:
-        settings: reads ``attn_implementation`` (default "sdpa"), ``trust_remote_code`` and
+        settings: reads ``attn_implementation`` (default "sdpa_varlen", see attention.py),
+            ``trust_remote_code`` and
             ``hf_token`` (plus what ``resolve_model_path`` reads when ``path`` is None).
         path: an already resolved folder; pass it to avoid resolving twice.
         dtype: a ``torch.dtype`` or its name; None means "auto" (the checkpoint's own dtype).
@@ -775,10 +776,14 @@ def load_model(
         path = resolve_model_path(settings)
     kwargs: dict[str, Any] = {
         "dtype": dtype if dtype is not None else "auto",
-        "attn_implementation": getattr(settings, "attn_implementation", None) or "sdpa",
+        "attn_implementation": getattr(settings, "attn_implementation", None) or "sdpa_varlen",
         "trust_remote_code": bool(getattr(settings, "trust_remote_code", False)),
         "token": _token(settings),
     }
+    if kwargs["attn_implementation"] == "sdpa_varlen":
+        import attention  # registers the kernel with transformers
+
+        attention.register()
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
@@ -791,6 +796,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
+    if kwargs["attn_implementation"] == "sdpa_varlen" and not getattr(model, "_supports_flash_attn", False):
+        # its attention may not receive the position ids that mark the examples (see attention.py)
+        logger.info("%s has no flash-attention support: plain sdpa instead of sdpa_varlen", type(model).__name__)
+        model.set_attn_implementation("sdpa")
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and gen.eos_token_id is not None:
         eos = gen.eos_token_id

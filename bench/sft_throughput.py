@@ -83,6 +83,11 @@ LEVERS = {
     "grouped": ["--group_by_length", "true"],
     "random": ["--group_by_length", "false"],
     "packing": ["--packing", "true"],
+    "padding-free": ["--padding_free", "true"],
+    "padded": ["--padding_free", "false"],  # padded batches (attention then takes sdpa's 4D mask)
+    "varlen": ["--attn_implementation", "sdpa_varlen"],
+    "sdpa": ["--attn_implementation", "sdpa"],  # one dense block-diagonal mask over each padding-free row
+    "peft-norms": [],  # QLoRA (row d): norms and embeddings upcast to fp32 again, as PEFT leaves them
     "compute-bf16": ["--bnb_4bit_compute_dtype", "bfloat16"],  # QLoRA (row d): 4-bit layers dequantize to bf16
 }
 
@@ -327,7 +332,12 @@ def our_trainer(name: str, records, max_seq_length, batch, tmp, max_steps=-1):
         model = load_model(settings, path, dtype=torch.float32)
         return build_sft_trainer(model, tokenizer, data, settings, optimizer_factory=lambda m: build_optimizer(m, settings))
     if row == "d":
-        return build_sft_trainer(apply_qlora(load_4bit_model(settings, path), settings), tokenizer, data, settings)
+        model = apply_qlora(load_4bit_model(settings, path), settings)
+        if "peft-norms" in levers:
+            for param in model.parameters():
+                if not param.requires_grad and param.dtype == torch.bfloat16 and type(param).__name__ != "Params4bit":
+                    param.data = param.data.float()
+        return build_sft_trainer(model, tokenizer, data, settings)
     dtype = "auto" if "fp32-weights" in levers else frozen_weight_dtype(settings)
     model = apply_lora(load_model(settings, path, dtype=dtype), settings)
     return build_sft_trainer(model, tokenizer, data, settings)

@@ -50,6 +50,7 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     args.update(
         max_length=settings.max_seq_length if settings.packing else None,
         packing=settings.packing,
+        padding_free=settings.padding_free or settings.packing,  # TRL's bfd packing is always padding-free
         packing_strategy="bfd",  # whole examples only; "wrapped" would cut them across rows
         eval_packing=False,
         # Length-grouped batches pad less (bench/: 1.49x on the Alpaca demo); packed rows are all

@@ -28,8 +28,10 @@ sys.path[:0] = [str(REPO), str(REPO / "examples")]
 STEPS, STOP_AT = 12, 8
 # The SFT data: 40 records, 8 per optimizer step (4 micro x 2 accumulation) = 5 steps per epoch,
 # so step 8 lies inside the second epoch and step 12 inside the third. Batches are length-grouped
-# (GROUP_BY_LENGTH, the default), whose order per epoch must not depend on the RNG state at resume.
-SFT_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_split_size", "0"]
+# (GROUP_BY_LENGTH), whose order per epoch must not depend on the RNG state at resume; random
+# batches (the default) are resumed by transformers' own seeded sampler.
+SFT_FLAGS = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_split_size", "0",
+             "--group_by_length", "true"]
 SCENARIOS = {
     "lora": ("finetune_llm_lora", SFT_FLAGS + ["--save_total_limit", "2", "--lora_dropout", "0.05"]),
     "qlora": ("finetune_llm_lora", SFT_FLAGS + ["--load_in_4bit", "true", "--lora_dropout", "0.05"]),
@@ -69,8 +71,8 @@ def install_recorder() -> None:
 
 
 def example_ids(trainer, inputs) -> list[int]:
-    """The train-dataset index of every example in a micro batch (rows unpadded by attention_mask;
-    DPO batches stack the chosen rows first)."""
+    """The train-dataset index of every example in a micro batch (rows unpadded by attention_mask, or
+    split at the position ids' restarts when padding-free; DPO batches stack the chosen rows first)."""
     if not hasattr(trainer, "_row_index"):
         data = trainer.train_dataset
         if "prompt_ids" in data.column_names:
@@ -80,6 +82,11 @@ def example_ids(trainer, inputs) -> list[int]:
         trainer._row_index = {}
         for i, row in enumerate(rows):
             trainer._row_index.setdefault(row, i)
+    if "attention_mask" not in inputs:  # a padding-free SFT batch: one row, its examples one after another
+        from attention import example_bounds
+
+        row, bounds = inputs["input_ids"][0], example_bounds(inputs["position_ids"][0])
+        return [trainer._row_index[tuple(row[s:e].tolist())] for s, e in zip(bounds[:-1], bounds[1:])]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n = ids.shape[0] // 2 if "prompt_ids" in trainer.train_dataset.column_names else ids.shape[0]
     return [trainer._row_index[tuple(ids[i][mask[i].bool()].tolist())] for i in range(n)]

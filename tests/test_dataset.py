@@ -575,8 +575,10 @@ def test_pad_equal_eos_keeps_the_end_token_label_in_a_collated_batch(family, tem
         assert supervised_runs(example)[-1][-1] == end_id and end_id in labels
 
 
-def test_the_trainer_collates_with_trls_collator_and_keeps_eos_labels(tmp_path):
-    """Fault 1: the collator the SFT trainer really uses (tiny model, pad == eos like SmolLM2)."""
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_the_trainer_collates_with_trls_collator_and_keeps_eos_labels(tmp_path, padding_free):
+    """Fault 1: the collator the SFT trainer really uses (tiny model, pad == eos like SmolLM2), padded
+    or padding-free (the default: the examples one after another in one row)."""
     from config import get_settings
     from models import load_model, load_tokenizer
     from techniques.sft import build_sft_trainer
@@ -586,19 +588,24 @@ def test_the_trainer_collates_with_trls_collator_and_keeps_eos_labels(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "output": "Hello there."}, alpaca_records(1)[0]])
     config = get_settings(
         ["--base_model_name", str(model_dir), "--dataset_path", str(path), "--eval_split_size", "0",
-         "--mixed_precision", "no", "--output_dir", str(tmp_path / "out"), "--prompt_template", "chatml"],
+         "--mixed_precision", "no", "--output_dir", str(tmp_path / "out"), "--prompt_template", "chatml",
+         "--padding_free", str(padding_free).lower()],
         env_file=None,
     )
     tokenizer = load_tokenizer(config, model_dir)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     data = build_sft_dataset(config, tokenizer)
     trainer = build_sft_trainer(load_model(config, model_dir), tokenizer, data, config)
-    assert type(trainer.data_collator) is DataCollatorForLanguageModeling and not trainer.data_collator.padding_free
+    assert type(trainer.data_collator) is DataCollatorForLanguageModeling
+    assert trainer.data_collator.padding_free is padding_free
     batch = trainer.data_collator([data["train"][0], data["train"][1]])
+    if padding_free:  # one row: each example's labels in turn (its first token is a prompt token: -100 anyway)
+        assert batch["labels"].tolist() == [data["train"][0]["labels"] + data["train"][1]["labels"]]
     for row, example in enumerate(data["train"]):
         n = len(example["input_ids"])
-        assert batch["labels"][row, :n].tolist() == example["labels"]
-        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        if not padding_free:
+            assert batch["labels"][row, :n].tolist() == example["labels"]
+            assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert tokenizer.decode(supervised_runs(example)[-1]).endswith("<|im_end|>")
 
 

@@ -1,6 +1,6 @@
 """Packing: several examples in one row must behave exactly like each example alone.
 
-Checked on a tiny random Llama for both attention kernels used on CPU (sdpa, eager): logits and the
+Checked on a tiny random Llama for the attention kernels used on CPU (sdpa_varlen, sdpa, eager): logits and the
 summed loss of a packed row equal those of the examples run one by one, and a naive pack (plain
 causal mask over the row) does not, so the comparison can fail. Then the trainer that
 techniques/sft.py builds with `packing=true` is checked to feed exactly such rows.
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+import attention
 from config import get_settings
 from data.dataset import build_sft_dataset_with_report
 from data.examples import IGNORE_INDEX
@@ -23,7 +24,8 @@ from techniques.sft import build_sft_trainer, sft_config
 from tests.tiny import make_model, make_tokenizer, one_torch_thread
 from tests.tiny_model import make_tiny_model_dir
 
-ATTENTION = ["sdpa", "eager"]
+ATTENTION = ["sdpa_varlen", "sdpa", "eager"]
+attention.register()  # tests build models from a config, not through models.load_model
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +69,10 @@ def test_packed_row_equals_each_example_alone(two_examples, attn):
     # the test can fail: b attends to a under a plain causal mask, and with a KV cache transformers
     # does not build the block-diagonal mask at all (why TRL forces use_cache=False)
     assert not torch.allclose(naive[:, 3:], alone[1], atol=1e-3)
-    assert not torch.allclose(cached[:, 3:], alone[1], atol=1e-3)
+    if attn == "sdpa_varlen":  # it reads the bounds from the position ids, cache or not
+        torch.testing.assert_close(cached, torch.cat(alone, dim=1), atol=1e-5, rtol=0)
+    else:
+        assert not torch.allclose(cached[:, 3:], alone[1], atol=1e-3)
     torch.testing.assert_close(naive[:, :3], alone[0], atol=1e-5, rtol=0)  # a comes first: it sees nothing else
 
 
@@ -161,8 +166,128 @@ def test_trainer_trains_with_packing(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_packing_is_off_by_default_and_the_trainer_then_pads():
+def test_packing_is_off_and_padding_free_on_by_default():
     settings = get_settings([], env_file=None)
     config = sft_config(settings)
-    assert settings.packing is False and config.packing is False and config.padding_free is False
+    assert settings.packing is False and config.packing is False
+    assert settings.padding_free is True and config.padding_free is True
+    assert settings.attn_implementation == "sdpa_varlen"
     assert config.max_length is None  # examples arrive truncated by the builder's documented rule
+    assert sft_config(get_settings(["--padding_free", "false"], env_file=None)).padding_free is False
+
+
+# --------------------------------------------------------------------------------------------
+# sdpa_varlen: attention once per example, no dense mask over the row
+# --------------------------------------------------------------------------------------------
+
+
+class SdpaCalls:
+    """Records (query length, attn_mask shape or None, is_causal) of every sdpa call."""
+
+    def __init__(self, monkeypatch):
+        self.calls, inner = [], F.scaled_dot_product_attention
+
+        def spy(query, key, value, attn_mask=None, *args, is_causal=False, **kwargs):
+            self.calls.append((query.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+            return inner(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+
+def test_sdpa_varlen_attends_once_per_example_without_a_mask(two_examples, monkeypatch):
+    tokenizer, a, b = two_examples
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)([a, b])
+    model = make_model(tokenizer, attn_implementation="sdpa_varlen")
+    layers = model.config.num_hidden_layers
+    sdpa = SdpaCalls(monkeypatch)
+    with torch.no_grad():
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+    assert sdpa.calls == [(3, None, True), (5, None, True)] * layers
+    # plain sdpa builds one (1, 1, 8, 8) block-diagonal mask for the row: T^2, not 3^2 + 5^2
+    sdpa.calls.clear()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+    assert sdpa.calls == [(8, (1, 1, 8, 8), False)] * layers
+
+
+def test_sdpa_varlen_gradients_equal_each_example_alone(two_examples):
+    tokenizer, a, b = two_examples
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)([a, b])
+    model = make_model(tokenizer, attn_implementation="sdpa_varlen").train()
+    loss = summed_loss(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits, packed["labels"])
+    loss.backward()
+    together = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    separate = sum(summed_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits, torch.tensor([e["labels"]]))
+                   for e in (a, b))
+    separate.backward()
+    torch.testing.assert_close(loss, separate, atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(together[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_sdpa_varlen_keeps_padded_batches_and_generation_plain(two_examples):
+    tokenizer, a, b = two_examples
+    varlen, plain = (make_model(tokenizer, attn_implementation=attn) for attn in ("sdpa_varlen", "sdpa"))
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)([a, b])
+    assert padded["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
+    with torch.no_grad():
+        logits = [m(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits for m in (varlen, plain)]
+        texts = [m.generate(torch.tensor([b["input_ids"]]), max_new_tokens=6, do_sample=False) for m in (varlen, plain)]
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+    assert texts[0].tolist() == texts[1].tolist()
+
+
+def test_sdpa_varlen_sliding_window_layers_keep_their_window():
+    """A sliding-window model: its layers get transformers' own mask (window and packed bounds)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.tiny_model import TINY_CONFIG
+
+    config = {k: v for k, v in TINY_CONFIG.items() if k in MistralConfig().to_dict()}
+    models = {}
+    for attn in ("sdpa_varlen", "eager"):
+        torch.manual_seed(0)
+        models[attn] = MistralForCausalLM(MistralConfig(**{**config, "vocab_size": 64, "sliding_window": 3},
+                                                        attn_implementation=attn)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
+    with torch.no_grad():
+        varlen, eager = (m(input_ids=ids, position_ids=positions, use_cache=False).logits for m in models.values())
+        alone = models["eager"](input_ids=ids[:, :5], use_cache=False).logits
+        full = models["sdpa_varlen"](input_ids=ids[:, :5], use_cache=False).logits
+    torch.testing.assert_close(varlen, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(varlen[:, :5], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, alone, atol=1e-5, rtol=0)  # unpacked: window kept too
+
+
+def test_load_model_keeps_plain_sdpa_for_a_model_without_flash_attention_support(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    model_dir = make_tiny_model_dir(tmp_path)
+    settings = get_settings(["--base_model_name", str(model_dir)], env_file=None)
+    assert load_model(settings, model_dir).config._attn_implementation == "sdpa_varlen"
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_flash_attn", False)
+    assert load_model(settings, model_dir).config._attn_implementation == "sdpa"
+
+
+def test_padding_free_trainer_batch_is_one_row_and_its_loss_equals_the_padded_one(tmp_path):
+    trainer, data, _, tokenizer = packed_trainer(tmp_path, "sdpa_varlen")
+    settings = get_settings(["--base_model_name", str(make_tiny_model_dir(tmp_path / "m")),
+                             "--dataset_path", str(tmp_path / "train.jsonl"), "--prompt_template", "chatml",
+                             "--eval_split_size", "0", "--per_device_train_batch_size", "3", "--mixed_precision", "no",
+                             "--output_dir", str(tmp_path / "out2"), "--group_by_length", "false"], env_file=None)
+    assert settings.padding_free and not settings.packing
+    trainer = build_sft_trainer(trainer.model, tokenizer, data, settings)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 3  # the step's 3 examples, not packed rows
+    bounds = starts + [batch["input_ids"].shape[1]]
+    examples = [{"input_ids": batch["input_ids"][0, s:e].tolist(), "labels": batch["labels"][0, s:e].tolist()}
+                for s, e in zip(bounds[:-1], bounds[1:])]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)),
+                                   trainer.compute_loss(trainer.model, padded), atol=1e-5, rtol=0)
