@@ -76,7 +76,7 @@ class ModelSettings(BaseModel):
     )
     attn_implementation: str = Field(
         "sdpa_varlen", description="Attention kernel: sdpa_varlen (torch sdpa, once per example of a padding-free "
-        "or packed row, plain sdpa otherwise; bench: 1.44x with padding_free), sdpa (one dense mask over a "
+        "or packed row, plain sdpa otherwise; bench: 1.34x over sdpa with padding_free), sdpa (one dense mask over a "
         "padding-free row), eager, or flash_attention_2 (GPU only).",
     )
 
@@ -263,7 +263,7 @@ class DataSettings(BaseModel):
         True,
         description="SFT: concatenate each batch's examples into one row without padding (TRL's padding-free "
         "collator; position ids restart per example): the same examples per step, no padding computed. "
-        "Use it with attn_implementation sdpa_varlen or flash_attention_2 (bench: 1.44x with sdpa_varlen).",
+        "Use it with attn_implementation sdpa_varlen or flash_attention_2 (bench: 1.57x over padded batches).",
     )
     eval_dataset_path: str | None = Field(None, description="Held-out eval file; when empty, eval_split_size of the training data is held out.")
     eval_split_size: float = Field(0.1, ge=0, description="Held-out share of the training data: a fraction (< 1), a record count (>= 1), or 0 for none.")

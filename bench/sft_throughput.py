@@ -1,6 +1,6 @@
 """Supervised tokens/s of our SFT against TRL's SFTTrainer on the same work: one run, side by side.
 
-    python bench/sft_throughput.py             # every row and the scaling rows (2 CPU cores: ~30 min)
+    python bench/sft_throughput.py             # every row and the scaling rows (2 CPU cores: ~1 hour)
     python bench/sft_throughput.py --quick     # rows a, b, c, 3 steps each, scaling at 256 (2 CPU cores: < 5 min)
     python bench/sft_throughput.py --rows a,c,c:fp32,c:gc   # some rows only (ratios need a and b)
 

@@ -28,15 +28,18 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     `max_length=None` without packing because examples were already truncated by our documented
     rule (`data.examples.build_sft_example`).
 
-    Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
-    max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer) and its
+Padding-free batches (`settings.padding_free`, the default, and always with packing): TRL's
     padding-free collator concatenates each batch into one row with `position_ids` restarting at 0
-    per example, no `attention_mask`, and label -100 on each example's first token. With no
-    attention mask and no cache (TRL passes use_cache=False), transformers builds a block-diagonal
-    causal mask from those position ids for sdpa and eager attention (flash attention reads the
-    sequence boundaries instead), so no token sees another example. Eval is not packed
-    (`eval_packing=False`): its batches hold the same examples as without packing, concatenated by
-    the same padding-free collator. tests/test_packing.py checks all of this.
+    per example, no `attention_mask`, and label -100 on each example's first token. The default
+    attention, `sdpa_varlen` (attention.py), reads the example bounds from those position ids and
+    runs sdpa once per example; with plain sdpa or eager attention transformers builds one dense
+    block-diagonal causal mask over the row instead (flash attention reads the bounds too), so in
+    every case no token sees another example.
+
+    Packing (`settings.packing`): TRL packs the train examples best-fit-decreasing into rows of
+    max_seq_length tokens (`max_length`, which then only sizes rows: no example is longer), and a
+    batch of such rows goes through the same collator. Eval is not packed (`eval_packing=False`):
+    its batches hold the same examples as without packing. tests/test_packing.py checks all of this.
 
     Worked example, examples a (3 tokens) and b (5 tokens) in one packed row:
 
@@ -53,8 +56,8 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
         padding_free=settings.padding_free or settings.packing,  # TRL's bfd packing is always padding-free
         packing_strategy="bfd",  # whole examples only; "wrapped" would cut them across rows
         eval_packing=False,
-        # Length-grouped batches pad less (bench/: 1.49x on the Alpaca demo); packed rows are all
-        # about max_seq_length long, so grouping them changes nothing.
+        # Length-grouped batches pad less when padded (bench/: 1.49x on the Alpaca demo); padding-free
+        # batches and packed rows have no padding to save.
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         # transformers patches Liger's kernels into the model (its `use_liger_kernel`); our head
         # loss still selects the supervised rows before the LM head.
