@@ -753,8 +753,8 @@ def load_model(
 
     Args:
         settings: reads ``attn_implementation`` (default "sdpa_varlen", see attention.py),
-            ``trust_remote_code`` and
-            ``hf_token`` (plus what ``resolve_model_path`` reads when ``path`` is None).
+            ``trust_remote_code`` and ``hf_token`` (plus what ``resolve_model_path`` reads when
+            ``path`` is None).
         path: an already resolved folder; pass it to avoid resolving twice.
         dtype: a ``torch.dtype`` or its name; None means "auto" (the checkpoint's own dtype).
             Weights load from safetensors only, unless ``settings.allow_pickle_weights``.

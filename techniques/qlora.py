@@ -21,7 +21,7 @@ from peft import PeftModel, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from config import Settings, resolve_precision
+from config import QLoraSettings, Settings, resolve_precision
 from models import load_model
 from techniques.lora import _base_layer, _check_output_dir, _merge_check_save, _probe_logits, apply_lora
 
@@ -137,14 +137,14 @@ def apply_qlora(model: PreTrainedModel, settings: Settings) -> PeftModel:
 
 
 @contextmanager
-def adapter_dtype_kept(model: torch.nn.Module, settings: QLoraSettings):
+def adapter_dtype_kept(model: torch.nn.Module, settings: Settings):
     """Around building a TRL trainer for a 4-bit model: its trainable weights end up as they were
     before, in `adapter_dtype` (fp32 on a CPU, the compute dtype on a GPU).
 
     TRL's SFT and DPO trainers cast a quantized model's trainable adapter weights to bf16 (the
-    QLoRA paper's GPU recipe). On a CPU bf16 adapter weights round away most AdamW updates (at |w| ~ 0.2 a bf16 step is ~1e-3, the size of a whole update
-    at lr 1e-3), and the adapter would not be the one PEFT initialised. Nothing changes for a model
-    that is not quantized.
+    QLoRA paper's GPU recipe). On a CPU bf16 adapter weights round away most AdamW updates (at
+    |w| ~ 0.2 a bf16 step is ~1e-3, the size of a whole update at lr 1e-3), and the adapter would
+    not be the one PEFT initialised. Nothing changes for a model that is not quantized.
     """
     if not getattr(model, "is_loaded_in_4bit", False):
         yield

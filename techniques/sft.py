@@ -28,7 +28,7 @@ def sft_config(settings: Settings, **overrides) -> SFTConfig:
     `max_length=None` without packing because examples were already truncated by our documented
     rule (`data.examples.build_sft_example`).
 
-Padding-free batches (`settings.padding_free`, the default, and always with packing): TRL's
+    Padding-free batches (`settings.padding_free`, the default, and always with packing): TRL's
     padding-free collator concatenates each batch into one row with `position_ids` restarting at 0
     per example, no `attention_mask`, and label -100 on each example's first token. The default
     attention, `sdpa_varlen` (attention.py), reads the example bounds from those position ids and
