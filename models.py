@@ -772,18 +772,18 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    import attention
+
     if path is None:
         path = resolve_model_path(settings)
     kwargs: dict[str, Any] = {
         "dtype": dtype if dtype is not None else "auto",
-        "attn_implementation": getattr(settings, "attn_implementation", None) or "sdpa_varlen",
+        "attn_implementation": getattr(settings, "attn_implementation", None) or attention.NAME,
         "trust_remote_code": bool(getattr(settings, "trust_remote_code", False)),
         "token": _token(settings),
     }
-    if kwargs["attn_implementation"] == "sdpa_varlen":
-        import attention  # registers the kernel with transformers
-
-        attention.register()
+    if kwargs["attn_implementation"] == attention.NAME:
+        attention.register()  # makes the name known to transformers
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
@@ -796,7 +796,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"cannot load the model in {path}: {type(err).__name__}: {err}") from err
-    if kwargs["attn_implementation"] == "sdpa_varlen" and not getattr(model, "_supports_flash_attn", False):
+    if kwargs["attn_implementation"] == attention.NAME and not getattr(model, "_supports_flash_attn", False):
         # its attention may not receive the position ids that mark the examples (see attention.py)
         logger.info("%s has no flash-attention support: plain sdpa instead of sdpa_varlen", type(model).__name__)
         model.set_attn_implementation("sdpa")
